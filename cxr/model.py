@@ -1,0 +1,157 @@
+"""DenseNet121 trunk with the original design's head: pool -> BatchNorm -> dense+ReLU+dropout -> 14 logits.
+
+    model = build_model(weights="imagenet")       # or "none", or a path to a state dict / checkpoint
+    features = model.forward_features(images)     # [B, 1024, H/32, W/32], after the final ReLU
+    logits = model.forward_head(features)         # [B, 14]; no sigmoid: the loss takes logits
+
+The trunk is split into stages so that fine-tuning can unfreeze the last N dense blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import DenseNet121_Weights, densenet121
+
+from cxr.labels import NUM_CLASSES
+
+# Trunk stages from the input side; unfreezing N blocks unfreezes the last N of the first four.
+STAGES: dict[str, tuple[str, ...]] = {
+    "stem": ("conv0", "norm0"),
+    "block1": ("denseblock1", "transition1"),
+    "block2": ("denseblock2", "transition2"),
+    "block3": ("denseblock3", "transition3"),
+    "block4": ("denseblock4", "norm5"),
+}
+DENSE_BLOCKS = ("block1", "block2", "block3", "block4")
+FEATURE_CHANNELS = 1024
+
+
+class CXRNet(nn.Module):
+    """DenseNet121 features + multi-label head; frozen stages keep their BatchNorm in eval mode."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, hidden: tuple[int, ...] = (512,), dropout: float = 0.5):
+        super().__init__()
+        self.features = densenet121(weights=None).features
+        layers: list[nn.Module] = [nn.BatchNorm1d(FEATURE_CHANNELS)]
+        width = FEATURE_CHANNELS
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.head = nn.Sequential(*layers)
+        self.frozen_stages: set[str] = set()
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        # Not in place (torchvision's is): Grad-CAM hooks this tensor.
+        return F.relu(self.features(images))
+
+    def forward_head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.head(feature_map.mean(dim=(2, 3)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def stage_modules(self, stage: str) -> list[nn.Module]:
+        return [getattr(self.features, name) for name in STAGES[stage]]
+
+    def set_trainable_stages(self, trainable: set[str]) -> None:
+        """Freeze every trunk stage not in `trainable` (the head always trains)."""
+        unknown = trainable - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown trunk stages {sorted(unknown)}; choose from {list(STAGES)}")
+        self.frozen_stages = set(STAGES) - trainable
+        for stage in STAGES:
+            for module in self.stage_modules(stage):
+                module.requires_grad_(stage in trainable)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CXRNet":
+        super().train(mode)
+        for stage in self.frozen_stages:  # frozen BatchNorm keeps its running statistics
+            for module in self.stage_modules(stage):
+                module.eval()
+        return self
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        return list(self.features.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+
+def stages_to_unfreeze(unfreeze: str | int) -> set[str]:
+    """`--unfreeze N` -> the last N dense blocks; `all` -> every stage including the stem."""
+    if str(unfreeze) == "all":
+        return set(STAGES)
+    count = int(unfreeze)
+    if not 0 <= count <= len(DENSE_BLOCKS):
+        raise ValueError(f"--unfreeze must be 0..{len(DENSE_BLOCKS)} or 'all', got {unfreeze!r}")
+    return set(DENSE_BLOCKS[len(DENSE_BLOCKS) - count:])
+
+
+# Old torchvision DenseNet files name layers 'norm.1' where the module now says 'norm1'.
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _trunk_state_from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    trunk = {}
+    for key, value in state.items():
+        match = _OLD_KEY.match(key)
+        if match:
+            key = match.group(1) + match.group(2)
+        if key.startswith("features."):
+            trunk[key[len("features."):]] = value
+    return trunk
+
+
+def load_imagenet_trunk(model: CXRNet) -> None:
+    """Copy torchvision's ImageNet DenseNet121 weights into the trunk (downloads once, then cached)."""
+    try:
+        state = DenseNet121_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    except Exception as error:  # URLError, SSL errors, proxies: all mean "no download"
+        url = DenseNet121_Weights.IMAGENET1K_V1.url
+        raise RuntimeError(
+            f"could not download the ImageNet DenseNet121 weights ({type(error).__name__}: {error}).\n"
+            f"Offline? Fetch {url} on a machine with internet and pass the file: "
+            f"--weights /path/to/{url.rsplit('/', 1)[-1]}  (or --weights none to train from scratch)"
+        ) from error
+    model.features.load_state_dict(_trunk_state_from_torchvision(state))
+
+
+def load_weights_file(model: CXRNet, path: str | Path) -> str:
+    """Load a torchvision DenseNet121 state dict (trunk only) or one of our checkpoints (whole model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights {path}: no such file (use 'imagenet', 'none' or a path to a .pth/.pt file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"--weights {path}: not a loadable weights file ({error})") from error
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        model.load_state_dict(state["model"])
+        return "checkpoint"
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    trunk = _trunk_state_from_torchvision(state) if isinstance(state, dict) else {}
+    if not trunk:
+        raise ValueError(f"--weights {path}: holds no DenseNet 'features.*' weights and is not a cxr checkpoint")
+    try:
+        model.features.load_state_dict(trunk)
+    except RuntimeError as error:
+        raise ValueError(f"--weights {path}: not DenseNet121 weights ({error})") from error
+    return "torchvision"
+
+
+def build_model(weights: str = "none", hidden: tuple[int, ...] = (512,), dropout: float = 0.5) -> CXRNet:
+    """The network with its trunk initialised from `weights`: 'imagenet', 'none' or a file path."""
+    model = CXRNet(hidden=hidden, dropout=dropout)
+    if weights == "imagenet":
+        load_imagenet_trunk(model)
+    elif weights != "none":
+        load_weights_file(model, weights)
+    return model
