@@ -14,6 +14,7 @@ import csv
 import gzip
 import io
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -321,6 +322,11 @@ class ChestXrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def reseed(self, seed: int) -> None:
+        """Seed the augmentation's own generators (albumentations >= 2 does not use the global ones)."""
+        if self.augment is not None and hasattr(self.augment, "set_random_seed"):
+            self.augment.set_random_seed(int(seed) % 2**32)
+
     def load_image(self, position: int) -> np.ndarray:
         """The preprocessed uint8 image of split position `position` (from the cache when there is one)."""
         row = self.rows[position]
@@ -335,3 +341,13 @@ class ChestXrayDataset(Dataset):
             image = self.augment(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
         return tensor, torch.from_numpy(self.index.labels[self.rows[position]]), position
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: derive every generator of the worker from its torch seed (set per epoch)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    dataset = torch.utils.data.get_worker_info().dataset
+    if isinstance(dataset, ChestXrayDataset):
+        dataset.reseed(seed)
