@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -105,19 +104,26 @@ def train_one_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Any, ctx: DistContext, policy: DevicePolicy, loss_fn: nn.Module | None = None,
-            desc: str = "predict", log: RankZero | None = None) -> dict[str, Any]:
+            desc: str = "predict", log: RankZero | None = None,
+            views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, Any]:
     """Probabilities for every sample of loader.dataset exactly once (sampler padding dropped), on every rank.
 
+    `views` (test-time augmentation) maps a batch to several batches; their probabilities are averaged.
     Returns `probabilities` and `labels` ([N, C] numpy, in dataset order), the mean `loss` when a loss is
-    given, and `images_per_s`.
+    given (on the view-averaged logits), and `images_per_s`.
     """
     model.eval()
     positions, logits_all, labels_all = [], [], []
     started = time.perf_counter()
     iterable = log.progress(loader, desc=desc, leave=False) if log is not None else loader
     for images, targets, index in iterable:
+        inputs = policy.inputs(images)
         with policy.autocast():
-            logits = model(policy.inputs(images))
+            if views is None:
+                logits = model(inputs).float()
+            else:  # average probabilities over the views, kept in logit form for one code path
+                probabilities = torch.stack([torch.sigmoid(model(view).float()) for view in views(inputs)]).mean(0)
+                logits = torch.logit(probabilities.clamp(1e-7, 1 - 1e-7))
         positions.append(index)
         logits_all.append(logits.float().cpu())
         labels_all.append(targets)
@@ -134,6 +140,3 @@ def predict(model: nn.Module, loader: Any, ctx: DistContext, policy: DevicePolic
         result["loss"] = float(loss_fn(torch.from_numpy(logits).float(), torch.from_numpy(labels).float()))
     return result
 
-
-def is_finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)

@@ -16,7 +16,7 @@ from cxr.config import Config
 from cxr.data import ChestXrayDataset, NihData, load_nih, seed_worker
 from cxr.distributed import DistContext, barrier
 from cxr.engine import DevicePolicy
-from cxr.model import CXRNet
+from cxr.model import CXRNet, build_model
 from cxr.synthetic import ensure_demo_dataset
 from cxr.transforms import build_train_augment
 
@@ -124,3 +124,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def load_trained_model(checkpoint_path: str | Path, device: torch.device) -> tuple[CXRNet, Config, dict]:
+    """Rebuild the network from a checkpoint alone (architecture and preprocessing come from its config)."""
+    from cxr.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = Config.from_dict(checkpoint["config"])
+    model = build_model("none", config.hidden_sizes, config.dropout)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{checkpoint_path}: its weights do not fit the model its config describes ({error})") from error
+    return model.to(device).eval(), config, checkpoint
