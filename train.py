@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from cxr.checkpoint import (capture_rng_state, load_checkpoint, model_state_for_saving, resolve_checkpoint_path,
+from cxr.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, model_state_for_saving, resolve_checkpoint_path,
                             save_checkpoint, unwrap_model)
 from cxr.config import Config, build_parser, config_from_args
 from cxr.data import DataError
@@ -71,11 +71,15 @@ def wrap_for_training(model: CXRNet, config: Config, ctx) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, resumed = resolve_config(argv)
+    try:
+        config, resumed = resolve_config(argv)
+    except (CheckpointError, FileNotFoundError) as error:
+        print(f"error: --resume: {error}", file=sys.stderr)
+        return 1
     ctx = setup_distributed(config.device)
     try:
         return run(config, resumed, ctx)
-    except (DataError, NonFiniteLossError, FileNotFoundError, ValueError) as error:
+    except (DataError, NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as error:
         if ctx.is_main:
             print(f"error: {error}", file=sys.stderr)
         return 1
