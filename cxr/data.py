@@ -81,7 +81,10 @@ def find_table(data_dir: str | Path) -> Path:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
+    # utf-8-sig: the same on every platform, and a spreadsheet's byte-order mark does not hide 'Image Index'
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _physical_columns(header_cells: list[str]) -> list[str]:
@@ -351,3 +354,33 @@ def seed_worker(worker_id: int) -> None:
     dataset = torch.utils.data.get_worker_info().dataset
     if isinstance(dataset, ChestXrayDataset):
         dataset.reseed(seed)
+
+
+def read_box_list(path: str | Path) -> dict[str, list[tuple[str, tuple[float, float, float, float]]]]:
+    """BBox_List_2017.csv -> {image name: [(finding, (x, y, w, h)), ...]}, boxes in NIH's 1024 x 1024 space.
+
+    Its header `Image Index,Finding Label,Bbox [x,y,w,h],,,` spans empty cells; `Infiltrate` means Infiltration.
+    """
+    from cxr.labels import canonical_finding
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--boxes {path}: no such file (the NIH release calls it BBox_List_2017.csv)")
+    boxes: dict[str, list[tuple[str, tuple[float, float, float, float]]]] = {}
+    with open(path, newline="") as handle:
+        rows = csv.reader(handle)
+        header = next(rows, [])
+        if len(header) < 3 or header[0].strip() != "Image Index":
+            raise DataError(f"{path}: not a box list (header should start 'Image Index,Finding Label,Bbox [x,y,w,h]')")
+        for line, row in enumerate(rows, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            try:
+                finding = canonical_finding(row[1])
+                x, y, w, h = (float(cell) for cell in row[2:6])
+            except KeyError:
+                raise DataError(f"{path}, line {line}: unknown finding {row[1]!r}") from None
+            except (ValueError, IndexError):
+                raise DataError(f"{path}, line {line}: expected name,finding,x,y,w,h, got {row!r}") from None
+            boxes.setdefault(row[0].strip(), []).append((finding, (x, y, w, h)))
+    return boxes

@@ -64,16 +64,31 @@ def iobb(pred_box: Box, gt_box: Box) -> float:
     return _intersection(pred_box, gt_box) / area if area > 0 else 0.0
 
 
-def pointing_hit(heatmap: np.ndarray, gt_box: Box) -> bool:
-    """True if the heatmap's (first) argmax pixel centre lies inside gt_box, given in heatmap pixels."""
+def pointing_location(heatmap: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) where the map points: the centre of its maximum region, in pixel units; None for an empty map.
+
+    Upsampled low-resolution maps have flat maxima (bilinear upsampling clamps at the borders); the first
+    argmax pixel would sit on the plateau's edge, often the image corner, so the plateau's centre is used.
+    """
     heatmap = np.asarray(heatmap)
     if heatmap.ndim != 2:
-        raise ValueError(f"pointing_hit expects a 2-D heatmap, got shape {heatmap.shape}")
+        raise ValueError(f"pointing expects a 2-D heatmap, got shape {heatmap.shape}")
     if not np.isfinite(heatmap).all() or heatmap.max() <= 0:
-        return False  # an empty map points nowhere
+        return None  # an empty map points nowhere
+    peak = heatmap >= heatmap.max() * (1 - 1e-6)
+    _, labels = cv2.connectedComponents(peak.astype(np.uint8), connectivity=8)
     row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    rows, cols = np.nonzero(labels == labels[row, col])  # the plateau that holds the first argmax
+    return float(cols.mean()) + 0.5, float(rows.mean()) + 0.5
+
+
+def pointing_hit(heatmap: np.ndarray, gt_box: Box) -> bool:
+    """True if the heatmap's pointing location lies inside gt_box, given in heatmap pixels."""
+    location = pointing_location(heatmap)
+    if location is None:
+        return False
     x, y, w, h = as_xywh(gt_box)
-    return bool(x <= col + 0.5 <= x + w and y <= row + 0.5 <= y + h)
+    return bool(x <= location[0] <= x + w and y <= location[1] <= y + h)
 
 
 def heatmap_to_boxes(
