@@ -158,7 +158,28 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(values) - {f.name for f in fields(Config)})
     if unknown:
         raise SystemExit(f"error: --config {path}: unknown option(s) {', '.join(unknown)}; see train.py --help")
-    return values
+    return {key: _yaml_value(path, key, value) for key, value in values.items()}
+
+
+def _yaml_value(path: Path, key: str, value: Any) -> Any:
+    """Convert a YAML value to its field's type, as argparse does for flags (YAML reads `1e-3` as text, `512` as int)."""
+    item = next(item for item in fields(Config) if item.name == key)
+    kind = type(item.default)
+    try:
+        if kind is bool:
+            converted = value if isinstance(value, bool) else _str2bool(str(value))
+        elif kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        elif value is None or isinstance(value, (dict, list)):
+            raise ValueError(value)
+        else:
+            converted = kind(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise SystemExit(f"error: --config {path}: {key}: expected {kind.__name__}, got {value!r}") from error
+    choices = item.metadata.get("choices")
+    if choices and converted not in choices:
+        raise SystemExit(f"error: --config {path}: {key}: must be one of {', '.join(choices)}, got {converted!r}")
+    return converted
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

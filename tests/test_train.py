@@ -26,13 +26,13 @@ TINY_RUN = ["--image-size", "64", "--batch-size", "8", "--workers", "0", "--weig
             "--max-steps-per-epoch", "2", "--tensorboard", "false"]
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command-line tool as a user would: python SCRIPT or torchrun --standalone --nproc_per_node=N SCRIPT."""
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
            "PYTHONPATH": str(REPO)}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
-    return subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
