@@ -158,9 +158,14 @@ def run(config: Config, resumed: dict | None, ctx) -> int:
         val_auroc = mean_auroc(aurocs)
         if config.scheduler == "plateau":
             scheduler.step(val_auroc if np.isfinite(val_auroc) else 0.0)
-        improved = np.isfinite(val_auroc) and val_auroc > state["best_metric"]
+        # A validation split in which no finding has both labels has no AUROC; select by loss then (fixed per run).
+        selection = val_auroc if np.isfinite(val_auroc) else -val["loss"]
+        if epoch == state["epoch"] == 0 and not np.isfinite(val_auroc):
+            log.print("warning: no finding has both labels in the validation split, so AUROC is undefined; "
+                      "selecting checkpoints by validation loss (use a larger --val-fraction)")
+        improved = selection > state["best_metric"]
         if improved:
-            state.update(best_metric=float(val_auroc), best_epoch=epoch, bad_epochs=0)
+            state.update(best_metric=float(selection), best_epoch=epoch, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -198,7 +203,8 @@ def _grid(images: torch.Tensor) -> torch.Tensor:
 
 def print_next_steps(run_dir: Path, state: dict, config: Config) -> None:
     best = run_dir / "best.pt"
-    print(f"\ndone: best validation mean AUROC {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}")
+    print(f"\ndone: best validation score {state['best_metric']:.4f} (mean AUROC; minus the loss if AUROC is undefined) "
+          f"at epoch {state['best_epoch'] + 1}")
     print(f"run directory:   {run_dir}")
     print(f"best checkpoint: {best}")
     print(f"TensorBoard:     tensorboard --logdir {run_dir / 'tensorboard'}")
