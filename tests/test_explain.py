@@ -1,0 +1,120 @@
+"""explain.py end to end: real NIH sample images (RGBA included), DICOM, dataset splits, the localization report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr.data import read_box_list
+from cxr.labels import FINDINGS
+
+from tests.test_train import run_cli
+
+GREEN = np.array([0, 255, 0])  # ground-truth box colour in the overlays (RGB)
+
+
+def green_pixels(path: Path) -> int:
+    picture = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    return int((picture == GREEN).all(axis=-1).sum())
+
+
+def test_real_sample_images_with_ground_truth_boxes(tiny_run, nih_sample, nih_sample_images, tmp_path):
+    out = tmp_path / "explain"
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(nih_sample / "images"), "--out", str(out),
+                      "--boxes", str(nih_sample / "BBox_List_2017.csv"), "--classes", "Cardiomegaly,Nodule"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert sorted(predictions) == nih_sample_images  # the RGBA image 00000100_000.png among them
+    for name, entry in predictions.items():
+        assert list(entry["probabilities"]) == list(FINDINGS)
+        assert all(0 <= p <= 1 for p in entry["probabilities"].values())
+        assert set(entry["explained"]) == {"Cardiomegaly", "Nodule"}
+        assert entry["size"] == [1024, 1024]
+        for explained in entry["explained"].values():
+            assert (out / explained["overlay"]).is_file()
+            assert all(0 <= box["x"] <= 1024 and 0 <= box["y"] <= 1024 for box in explained["boxes"])
+        assert f"{name}: " in result.stdout  # probabilities printed per image
+    truth = read_box_list(nih_sample / "BBox_List_2017.csv")
+    assert [g["finding"] for g in predictions["00009745_000.png"]["ground_truth"]] == ["Cardiomegaly"]
+    assert green_pixels(out / "00009745_000_Cardiomegaly.png") > 500  # the ground-truth box is drawn
+    assert green_pixels(out / "00009745_000_Nodule.png") == 0  # ...only on its own finding
+    assert green_pixels(out / "00008386_000_Nodule.png") > 100
+    assert green_pixels(out / "00000100_000_Cardiomegaly.png") == 0 and "00000100_000.png" not in truth
+
+
+def test_top3_on_dataset_split(tiny_run, tmp_path):
+    out = tmp_path / "split"
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), "--split", "test", "--limit", "3", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 3
+    for entry in predictions.values():
+        top = sorted(entry["probabilities"], key=lambda name: -entry["probabilities"][name])[:3]
+        assert sorted(entry["explained"]) == sorted(top)
+    assert len(list(out.glob("*.png"))) == 9
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_dicom_input(tiny_run, tmp_path, photometric):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from cxr.transforms import read_xray
+
+    pixels = (np.arange(64)[None, :] * 60 + np.arange(64)[:, None] * 4).astype(np.uint16)  # brighter to the right
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / f"{photometric}.dcm"
+    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
+    dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
+    dataset.PixelData = pixels.tobytes()
+    dataset.save_as(str(path), enforce_file_format=True)
+
+    gray = read_xray(path)
+    assert gray.shape == (64, 64) and gray.dtype == np.uint8 and gray.min() == 0 and gray.max() == 255
+    rising = gray[0, -1] > gray[0, 0]
+    assert rising == (photometric == "MONOCHROME2")  # MONOCHROME1 stores inverted intensities
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(path), "--out", str(tmp_path / "out"),
+                      "--classes", "Effusion"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / f"{photometric}_Effusion.png").is_file()
+
+
+def test_localization_report(tiny_run, tmp_path):
+    boxes = tiny_run["data_dir"] / "BBox_List_2017.csv"
+    truth = read_box_list(boxes)
+    out = tmp_path / "loc"
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), "--boxes", str(boxes),
+                      "--localization-report", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "localization.json").read_text())
+    total_boxes = sum(len(items) for items in truth.values())
+    assert report["overall"]["boxes"] == total_boxes == sum(report["boxes_by_split"].values())
+    assert set(report["overall"]["iobb"]) == {"0.1", "0.25", "0.5", "0.75", "0.9"}
+    assert set(report["overall"]["iou"]) == {"0.1", "0.3", "0.5"}
+    assert 0 <= report["overall"]["pointing"] <= 1
+    assert (out / "contact_sheet.png").stat().st_size > 1000
+    assert "Overall" in result.stdout and "boxes by split" in result.stdout
+
+
+def test_bad_inputs_are_named(tiny_run, tmp_path):
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(tmp_path / "absent.png")])
+    assert result.returncode == 1 and "absent.png: no such image file or folder" in result.stderr
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(broken)])
+    assert result.returncode == 1 and "broken.png: not a decodable image" in result.stderr
+    image = sorted((tiny_run["data_dir"] / "images").iterdir())[0]
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(image), "--classes", "Tumour",
+                      "--out", str(tmp_path / "out")])
+    assert result.returncode == 1 and "--classes 'Tumour': unknown finding(s) ['Tumour']" in result.stderr
