@@ -101,16 +101,16 @@ class Config:
 # The demo must finish in about 3 minutes on 2 CPU cores and still learn: small images, no download.
 DEMO_PRESET: dict[str, Any] = {
     "weights": "none",
-    "image_size": 128,
+    "image_size": 64,
     "epochs": 6,
     "warmup_epochs": 1,
-    "unfreeze": "2",
+    "unfreeze": "all",
     "batch_size": 32,
     "lr": 1e-3,
     "trunk_lr_mult": 1.0,
     "lr_warmup_steps": 20,
     "patience": 10,
-    "workers": 2,
+    "workers": 1,
     "log_every": 5,
 }
 
