@@ -210,7 +210,10 @@ def run(args: argparse.Namespace) -> int:
     checkpoint_path = Path(args.checkpoint) if args.checkpoint else find_latest_best()
     model, config, _ = load_trained_model(checkpoint_path, ctx.device)
     print(f"checkpoint: {checkpoint_path}")
-    explainer = Explainer(model, config, device_policy(config, ctx), args.method, args.box_threshold)
+    policy = device_policy(config, ctx)
+    if policy.channels_last:
+        model.to(memory_format=torch.channels_last)
+    explainer = Explainer(model, config, policy, args.method, args.box_threshold)
     truth = read_box_list(args.boxes) if args.boxes else {}
     if args.data_dir:
         config.data_dir = args.data_dir

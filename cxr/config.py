@@ -68,7 +68,7 @@ class Config:
     device: str = _opt("auto", "auto (cuda if available), cuda or cpu", ("auto", "cuda", "cpu"))
     amp: str = _opt("auto", "mixed precision: auto (on for CUDA, off on CPU), on, off", ("auto", "on", "off"))
     amp_dtype: str = _opt("auto", "autocast dtype: auto (bf16 where supported, else fp16), bf16 or fp16", ("auto", "bf16", "fp16"))
-    channels_last: str = _opt("auto", "channels_last memory format: auto (on for CUDA), on, off", ("auto", "on", "off"))
+    channels_last: str = _opt("on", "channels_last memory format (faster for DenseNet on CUDA and, measured here, on CPU too)", ("on", "off"))
     compile: bool = _opt(False, "torch.compile the model")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes under DDP")
     workers: int = _opt(4, "DataLoader worker processes per training process")
@@ -102,7 +102,7 @@ class Config:
 DEMO_PRESET: dict[str, Any] = {
     "weights": "none",
     "image_size": 64,
-    "epochs": 6,
+    "epochs": 7,
     "warmup_epochs": 1,
     "unfreeze": "all",
     "batch_size": 32,

@@ -85,7 +85,7 @@ def start_epoch(loader: DataLoader, config: Config, ctx: DistContext, epoch: int
 
 
 def device_policy(config: Config, ctx: DistContext) -> DevicePolicy:
-    """Resolve --amp / --amp-dtype / --channels-last for this device."""
+    """Resolve --amp / --amp-dtype for this device, and --channels-last."""
     cuda = ctx.device.type == "cuda"
     amp = config.amp == "on" or (config.amp == "auto" and cuda)
     dtype = None
@@ -98,8 +98,7 @@ def device_policy(config: Config, ctx: DistContext) -> DevicePolicy:
             dtype = torch.float16
         if dtype == torch.float16 and not cuda:
             dtype = torch.bfloat16  # CPU autocast has no fp16 loss scaling path
-    channels_last = config.channels_last == "on" or (config.channels_last == "auto" and cuda)
-    return DevicePolicy(ctx.device, dtype, channels_last)
+    return DevicePolicy(ctx.device, dtype, config.channels_last == "on")
 
 
 def build_optimizer(model: CXRNet, config: Config) -> torch.optim.Optimizer:
