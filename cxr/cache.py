@@ -35,7 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr.config import PREPROCESS_CHOICES
-from cxr.data import DataError, NihIndex, find_table, locate_images, read_nih_table, table_to_index
+from cxr.data import (DataError, NihIndex, find_table, keep_images_on_disk, locate_images, read_nih_table,
+                      table_to_index)
 from cxr.transforms import ImageReadError, preprocess_image, read_xray
 
 CACHE_VERSION = 1
@@ -126,17 +127,7 @@ def _locate(data_dir: Path, skip_missing: bool) -> tuple[Path, NihIndex]:
     """The whole table (all views: the cache serves any filter) with every image located on disk."""
     table_path = find_table(data_dir)
     index = locate_images(table_to_index(read_nih_table(table_path), str(table_path)), data_dir)
-    missing = index.image_dir_ids < 0
-    if missing.any():
-        examples = ", ".join(index.image_names[missing][:5])
-        where = ", ".join(index.image_dirs) or f"{data_dir}/images (no image folder found)"
-        if not skip_missing:
-            raise DataError(f"{missing.sum()} of {len(index)} images listed in {table_path.name} are not on disk under "
-                            f"{where} (e.g. {examples}). Download them, or pass --skip-missing to cache the "
-                            f"{(~missing).sum()} that are there.")
-        index = index.subset(~missing)
-    if len(index) == 0:
-        raise DataError(f"--data-dir {data_dir}: none of the images in {table_path.name} is on disk")
+    index, _ = keep_images_on_disk(index, data_dir, table_path.name, skip_missing)
     return table_path, index
 
 

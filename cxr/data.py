@@ -258,6 +258,23 @@ def build_splits(index: NihIndex, data_dir: str | Path, split: str = "auto", val
     return splits, how
 
 
+def keep_images_on_disk(index: NihIndex, data_dir: Path, table_name: str, skip_missing: bool) -> tuple[NihIndex, str | None]:
+    """Rows whose image is absent: an error naming a few (default), or dropped with a note (--skip-missing)."""
+    missing = index.image_dir_ids < 0
+    if not missing.any():
+        return index, None
+    examples = ", ".join(index.image_names[missing][:5])
+    where = ", ".join(index.image_dirs) or f"{data_dir}/images (no image folder found)"
+    if not skip_missing:
+        raise DataError(f"{missing.sum()} of {len(index)} images listed in {table_name} are not on disk under "
+                        f"{where} (e.g. {examples}). Download them, or pass --skip-missing to use the "
+                        f"{(~missing).sum()} that are there.")
+    if missing.all():
+        raise DataError(f"--data-dir {data_dir}: none of the images in {table_name} is on disk")
+    note = f"--skip-missing: dropped {missing.sum()} of {len(index)} rows whose image is not on disk (e.g. {examples})"
+    return index.subset(~missing), note
+
+
 # ----------------------------------------------------------------------------------------------- the whole thing
 @dataclass
 class NihData:
@@ -293,19 +310,9 @@ def load_nih(data_dir: str | Path, views: str = "both", skip_missing: bool = Fal
         index = index.subset(keep)
     else:
         notes.append(f"views: PA and AP ({(index.views == 'PA').sum()} PA, {(index.views == 'AP').sum()} AP)")
-    index = locate_images(index, data_dir)
-    missing = index.image_dir_ids < 0
-    if missing.any():
-        examples = ", ".join(index.image_names[missing][:5])
-        where = ", ".join(index.image_dirs) or f"{data_dir}/images (no image folder found)"
-        if not skip_missing:
-            raise DataError(f"{missing.sum()} of {len(index)} images listed in {table_path.name} are not on disk under "
-                            f"{where} (e.g. {examples}). Download them, or pass --skip-missing to use the "
-                            f"{(~missing).sum()} that are there.")
-        notes.append(f"--skip-missing: dropped {missing.sum()} of {len(index)} rows whose image is not on disk (e.g. {examples})")
-        index = index.subset(~missing)
-        if len(index) == 0:
-            raise DataError(f"--data-dir {data_dir}: none of the images in {table_path.name} is on disk")
+    index, note = keep_images_on_disk(locate_images(index, data_dir), data_dir, table_path.name, skip_missing)
+    if note:
+        notes.append(note)
     splits, how = build_splits(index, data_dir, split, val_fraction, test_fraction, seed)
     notes.append(f"split: {how}")
     return NihData(data_dir, table_path, index, splits, notes)
