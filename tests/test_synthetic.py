@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -17,17 +15,17 @@ import pandas as pd
 import pytest
 
 from cxr.labels import FINDINGS, NO_FINDING, canonical_finding
-from cxr.synthetic import ensure_demo_dataset, generate_synthetic_nih, plan_dataset, render_image
+from cxr.synthetic import (GENERATOR_VERSION, ensure_demo_dataset, generate_synthetic_nih, plan_dataset,
+                           render_image)
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_SAMPLE = Path(os.environ.get("CXR_NIH_SAMPLE", "/work/shared/data/nih-sample"))
 # Columns of the real Data_Entry_2017_v2020.csv as pandas reads them (the brackets hold commas).
 REAL_2020_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
                      "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
                      "OriginalImagePixelSpacing[x", "y]"]
 DATA_ENTRY_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
                      "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
-PATIENTS, SIZE = 20, 64
+PATIENTS, SIZE, SEED = 20, 64, 1  # with seed 1 the test split holds an Infiltration box
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -38,12 +36,12 @@ def file_hashes(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("synthetic")
-    return root, generate_synthetic_nih(root, patients=PATIENTS, size=SIZE, seed=0, workers=1)
+    return root, generate_synthetic_nih(root, patients=PATIENTS, size=SIZE, seed=SEED, workers=1)
 
 
 def test_same_seed_same_bytes_whatever_the_workers(dataset, tmp_path: Path) -> None:
     root, _ = dataset
-    again = generate_synthetic_nih(tmp_path / "again", patients=PATIENTS, size=SIZE, seed=0, workers=2)
+    again = generate_synthetic_nih(tmp_path / "again", patients=PATIENTS, size=SIZE, seed=SEED, workers=2)
     expected = file_hashes(root)
     assert again["images"] == len([name for name in expected if name.startswith("images/")])
     assert file_hashes(tmp_path / "again") == expected
@@ -51,22 +49,25 @@ def test_same_seed_same_bytes_whatever_the_workers(dataset, tmp_path: Path) -> N
 
 def test_different_seed_gives_different_data(dataset, tmp_path: Path) -> None:
     root, _ = dataset
-    generate_synthetic_nih(tmp_path, patients=PATIENTS, size=SIZE, seed=1)
+    generate_synthetic_nih(tmp_path, patients=PATIENTS, size=SIZE, seed=SEED + 1)
     first, second = file_hashes(root), file_hashes(tmp_path)
     assert first["Data_Entry_2017.csv"] != second["Data_Entry_2017.csv"]
     shared_images = [name for name in first if name.startswith("images/") and name in second]
     assert shared_images and all(first[name] != second[name] for name in shared_images)
+    # The seed reaches every random stream, the background included, not only the labels.
+    background, other_background = (render_image(1, 0, [], SIZE, seed=seed)[0] for seed in (SEED, SEED + 1))
+    assert not np.array_equal(background, other_background)
 
 
-def test_data_entry_has_the_real_2017_form(dataset) -> None:
+def test_data_entry_has_the_real_2017_form(dataset, nih_sample_location: Path | None) -> None:
     root, summary = dataset
     lines = (root / "Data_Entry_2017.csv").read_text().splitlines()
     assert lines[0] == DATA_ENTRY_HEADER
     assert all(line.endswith(",") and line.count(",") == 11 for line in lines)
     table = pd.read_csv(root / "Data_Entry_2017.csv")
     assert list(table.columns[:11]) == REAL_2020_COLUMNS
-    if REAL_SAMPLE.is_dir():
-        real = pd.read_csv(REAL_SAMPLE / "Data_Entry_2017_v2020.csv", nrows=0)
+    if nih_sample_location is not None:  # the real 2020 table lacks only the trailing empty column
+        real = pd.read_csv(nih_sample_location / "Data_Entry_2017_v2020.csv", nrows=0)
         assert list(table.columns[:11]) == list(real.columns)
     assert table.columns[11].startswith("Unnamed") and table.iloc[:, 11].isna().all()
 
@@ -99,15 +100,16 @@ def test_splits_partition_the_images_by_patient(dataset) -> None:
     assert len(test) == summary["test_images"]
 
 
-def test_box_list_has_the_real_quirks_and_covers_every_test_finding(dataset) -> None:
+def test_box_list_has_the_real_quirks_and_covers_every_test_finding(dataset, nih_sample_location) -> None:
     root, summary = dataset
     lines = (root / "BBox_List_2017.csv").read_text().splitlines()
     assert lines[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
     boxes = pd.read_csv(root / "BBox_List_2017.csv")
-    if REAL_SAMPLE.is_dir():
-        assert list(boxes.columns) == list(pd.read_csv(REAL_SAMPLE / "BBox_List_2017.csv", nrows=0).columns)
+    if nih_sample_location is not None:
+        real = pd.read_csv(nih_sample_location / "BBox_List_2017.csv", nrows=0)
+        assert list(boxes.columns) == list(real.columns)
     assert len(boxes) == summary["boxes"] > 0
-    assert "Infiltration" not in set(boxes["Finding Label"])
+    assert "Infiltrate" in set(boxes["Finding Label"]) and "Infiltration" not in set(boxes["Finding Label"])
     x, y, w, h = (boxes[column].to_numpy() for column in ("Bbox [x", "y", "w", "h]"))
     assert (w > 0).all() and (h > 0).all() and (x >= 0).all() and (y >= 0).all()
     assert (x + w <= 1024 + 1e-6).all() and (y + h <= 1024 + 1e-6).all()
@@ -128,7 +130,7 @@ def test_written_pixels_and_boxes_match_the_renderer(dataset) -> None:
     table = pd.read_csv(root / "Data_Entry_2017.csv").set_index("Image Index")
     record = table.loc[row["Image Index"]]
     findings = record["Finding Labels"].split("|")
-    image, pixel_boxes = render_image(int(record["Patient ID"]), int(record["Follow-up #"]), findings, SIZE, 0)
+    image, pixel_boxes = render_image(int(record["Patient ID"]), int(record["Follow-up #"]), findings, SIZE, SEED)
     written = cv2.imread(str(root / "images" / row["Image Index"]), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(image, written)
     expected = np.array(pixel_boxes[canonical_finding(row["Finding Label"])]) * 1024 / SIZE
@@ -167,14 +169,25 @@ def test_each_box_bounds_where_its_lesion_is_drawn(finding: str) -> None:
         inside = np.zeros((128, 128), bool)
         inside[int(y):int(np.ceil(y + h)), int(x):int(np.ceil(x + w))] = True
         difference = np.abs(with_lesion.astype(float) - without.astype(float))
-        assert difference[inside].mean() > 8, (finding, difference[inside].mean())
+        assert difference[inside].mean() > 6, (finding, difference[inside].mean())
         assert difference[inside].sum() > 0.97 * difference.sum(), finding
         assert difference[~inside].mean() < 0.05 * difference[inside].mean(), finding
 
 
-def test_generator_rejects_bad_arguments(tmp_path: Path) -> None:
+def test_bad_arguments_are_refused_with_clear_messages(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="size >= 32"):
         generate_synthetic_nih(tmp_path, patients=2, size=16)
+    with pytest.raises(ValueError, match=r"unknown finding\(s\) \['Infiltrate'\]"):
+        render_image(1, 0, ["Infiltrate"], size=64)
+
+
+def test_workers_in_an_unguarded_script_fail_fast_instead_of_hanging(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                      "from cxr.synthetic import generate_synthetic_nih\n"
+                      f"generate_synthetic_nih({str(tmp_path / 'out')!r}, patients=4, size=32, workers=2)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "if __name__ == '__main__':" in done.stderr
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -207,7 +220,7 @@ def test_cli_end_to_end_refuses_non_empty_out_and_bad_values(tmp_path: Path) -> 
 
 def test_ensure_demo_dataset_generates_once_into_the_cache(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path))
-    stale = tmp_path / "synthetic-nih-v1-p3-s32-seed0"
+    stale = tmp_path / f"synthetic-nih-v{GENERATOR_VERSION}-p3-s32-seed0"
     stale.mkdir()  # an incomplete folder (no marker) must not count as the dataset
     (stale / "junk.txt").write_text("x")
     path = ensure_demo_dataset(patients=3, size=32)
