@@ -46,6 +46,11 @@ def read_list(path: Path) -> list[str]:
     return [line for line in path.read_text().split() if line]
 
 
+def synthetic_table(root: Path) -> pd.DataFrame:
+    """The generated Data_Entry_2017.csv read with pandas alone, so expected counts do not come from cxr.data."""
+    return pd.read_csv(root / "Data_Entry_2017.csv", usecols=["Image Index", "Patient ID", "View Position"])
+
+
 @pytest.fixture(scope="module")
 def real_table_path(nih_sample: Path) -> Path:
     return nih_sample / "Data_Entry_2017_v2020.csv"
@@ -262,36 +267,41 @@ def test_official_split_without_lists_says_which_files_are_needed(synthetic_copy
 
 def test_official_lists_that_share_a_patient_are_rejected(synthetic_copy: Path) -> None:
     test_list = read_list(synthetic_copy / "test_list.txt")
-    by_patient: dict[str, list[str]] = {}
+    patient_of = dict(synthetic_table(synthetic_copy)[["Image Index", "Patient ID"]].itertuples(index=False))
+    by_patient: dict[int, list[str]] = {}
     for name in test_list:
-        by_patient.setdefault(name[:8], []).append(name)
-    moved = next(names[-1] for names in by_patient.values() if len(names) >= 2)  # the patient keeps other test images
+        by_patient.setdefault(int(patient_of[name]), []).append(name)
+    # A patient with two or more test images keeps the others in the test list once one image moves.
+    patient, moved = next((patient, names[-1]) for patient, names in by_patient.items() if len(names) >= 2)
     (synthetic_copy / "test_list.txt").write_text("\n".join(name for name in test_list if name != moved) + "\n")
     with open(synthetic_copy / "train_val_list.txt", "a") as handle:
         handle.write(moved + "\n")
     with pytest.raises(DataError, match=r"patient overlap between the (train|val) and test splits: 1 patient\(s\), "
-                                        r"e\.g\. \[4\]; a patient's images must all be in one split"):
+                                        + re.escape(f"e.g. [{patient}]; a patient's images must all be in one split")):
         load_nih(synthetic_copy)
 
 
 def test_image_in_both_lists_is_rejected(synthetic_copy: Path) -> None:
+    duplicated = read_list(synthetic_copy / "test_list.txt")[-1]
+    assert duplicated not in read_list(synthetic_copy / "train_val_list.txt")
     with open(synthetic_copy / "train_val_list.txt", "a") as handle:
-        handle.write("00000010_001.png\n")
+        handle.write(duplicated + "\n")
     with pytest.raises(DataError, match=re.escape("1 image(s) are in both train_val_list.txt and test_list.txt, "
-                                                  "e.g. ['00000010_001.png']")):
+                                                  f"e.g. [{duplicated!r}]")):
         load_nih(synthetic_copy)
 
 
 # ----------------------------------------------------------------------------------------------- filters
-@pytest.mark.parametrize("view, expected", [("PA", 22), ("AP", 11)])
-def test_view_filter_keeps_only_that_view_and_says_so(synthetic_nih: Path, view: str, expected: int) -> None:
-    table = pd.read_csv(synthetic_nih / "Data_Entry_2017.csv", usecols=["Image Index", "View Position"])
+@pytest.mark.parametrize("view", ["PA", "AP"])
+def test_view_filter_keeps_only_that_view_and_says_so(synthetic_nih: Path, view: str) -> None:
+    table = synthetic_table(synthetic_nih)
+    assert set(table["View Position"]) == {"PA", "AP"}  # both views present, so the filter has rows to drop
     wanted = set(table.loc[table["View Position"] == view, "Image Index"])
-    assert len(wanted) == expected
+    assert 0 < len(wanted) < len(table)
     data = load_nih(synthetic_nih, views=view, split="random")
     assert set(data.index.image_names.tolist()) == wanted
     assert set(data.index.views.tolist()) == {view}
-    assert f"views: kept {view} only ({expected} of 33 images)" in data.summary()
+    assert f"views: kept {view} only ({len(wanted)} of {len(table)} images)" in data.summary()
 
 
 def test_unknown_view_is_rejected(synthetic_nih: Path) -> None:
@@ -319,10 +329,13 @@ def test_skip_missing_keeps_exactly_the_rows_with_images(real_sample_data: NihDa
 
 
 def test_one_deleted_image_is_named(synthetic_copy: Path) -> None:
-    (synthetic_copy / "images" / "00000007_000.png").unlink()
-    with pytest.raises(DataError, match=r"^1 of 33 images .* \(e\.g\. 00000007_000\.png\)\. .*--skip-missing to use the 32"):
+    names = synthetic_table(synthetic_copy)["Image Index"].tolist()
+    deleted = names[len(names) // 2]
+    (synthetic_copy / "images" / deleted).unlink()
+    with pytest.raises(DataError, match=rf"^1 of {len(names)} images .* \(e\.g\. {re.escape(deleted)}\)\. "
+                                        rf".*--skip-missing to use the {len(names) - 1} that are there\.$"):
         load_nih(synthetic_copy)
-    assert len(load_nih(synthetic_copy, skip_missing=True).index) == 32
+    assert len(load_nih(synthetic_copy, skip_missing=True).index) == len(names) - 1
 
 
 # ----------------------------------------------------------------------------------------------- Dataset
@@ -330,7 +343,7 @@ def test_dataset_items_are_uint8_images_labels_and_positions(synthetic_nih: Path
     data = load_nih(synthetic_nih)
     rows = data.splits["test"]
     dataset = ChestXrayDataset(data.index, rows, image_size=48, preprocess="clahe")
-    assert len(dataset) == len(rows) == 8
+    assert len(dataset) == len(rows) == len(read_list(synthetic_nih / "test_list.txt"))
     for position in (0, len(dataset) - 1):
         image, labels, returned = dataset[position]
         assert image.dtype == torch.uint8 and image.shape == (1, 48, 48)
