@@ -61,7 +61,7 @@ def test_demo_preset_applies_only_without_data_dir() -> None:
     assert not real.is_demo
     assert (real.image_size, real.epochs, real.weights, real.workers) == (224, 30, "auto", 4)
     assert parse_config(["--epochs", "2"]).epochs == 2  # flags beat the preset
-    assert parse_config(["--epochs", "2"]).image_size == 128
+    assert parse_config(["--epochs", "2"]).image_size == DEMO_PRESET["image_size"]
 
 
 def test_yaml_file_applies_and_flags_override_it(tmp_path: Path) -> None:
