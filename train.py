@@ -25,7 +25,7 @@ from cxr.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint,
                             save_checkpoint, unwrap_model)
 from cxr.config import Config, build_parser, config_from_args
 from cxr.data import DataError
-from cxr.distributed import RankZero, cleanup_distributed, seed_everything, setup_distributed
+from cxr.distributed import RankZero, broadcast_object, cleanup_distributed, seed_everything, setup_distributed
 from cxr.engine import NonFiniteLossError, predict, train_one_epoch
 from cxr.factory import (build_optimizer, build_scheduler, device_policy, load_data, make_dataset, make_loader,
                          open_cache, resolve_data_dir, start_epoch)
@@ -93,7 +93,6 @@ def run(config: Config, resumed: dict | None, ctx) -> int:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(config.out)
     if ctx.distributed:  # every rank must agree on the run directory chosen by rank 0
-        from cxr.distributed import broadcast_object
         run_dir = Path(broadcast_object(str(run_dir), ctx))
         config.out = str(run_dir)
     if ctx.is_main:
@@ -137,8 +136,9 @@ def run(config: Config, resumed: dict | None, ctx) -> int:
         log.print(f"resumed from epoch {state['epoch']} (best val mean AUROC {state['best_metric']:.4f})")
     else:
         log.print(f"weights: {weights}")
+    if log.writer is not None:  # what the network sees, after augmentation
         images, _, _ = next(iter(torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=False)))
-        log.add_image("train/augmented_inputs", _grid(images), 0)
+        log.add_image("train/augmented_inputs", _grid(images), state["epoch"])
 
     phase, wrapped = None, None
     for epoch in range(state["epoch"], config.epochs):
@@ -203,8 +203,8 @@ def _grid(images: torch.Tensor) -> torch.Tensor:
 
 def print_next_steps(run_dir: Path, state: dict, config: Config) -> None:
     best = run_dir / "best.pt"
-    print(f"\ndone: best validation score {state['best_metric']:.4f} (mean AUROC; minus the loss if AUROC is undefined) "
-          f"at epoch {state['best_epoch'] + 1}")
+    metric = "mean AUROC" if state["best_metric"] >= 0 else "score (minus the loss: AUROC undefined on this split)"
+    print(f"\ndone: best validation {metric} {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}")
     print(f"run directory:   {run_dir}")
     print(f"best checkpoint: {best}")
     print(f"TensorBoard:     tensorboard --logdir {run_dir / 'tensorboard'}")

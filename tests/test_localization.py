@@ -145,3 +145,18 @@ def test_overlay_blends_jet_and_draws_both_box_kinds():
     assert np.array_equal(titled[40:], image[40:])
     with pytest.raises(ValueError, match="2-D uint8 grayscale"):
         overlay(np.zeros((8, 8, 3), np.uint8), heatmap, [])
+
+
+def test_pointing_uses_the_centre_of_a_flat_maximum():
+    import torch
+    import torch.nn.functional as F
+
+    from cxr.localization import pointing_location
+
+    # A 2x2 map whose top-right cell is hottest, upsampled as Grad-CAM does: the maximum is a flat 16x16 plateau
+    # in the image corner, and its first pixel (0, 48) would point at the border.
+    coarse = torch.tensor([[[[0.2, 1.0], [0.1, 0.3]]]])
+    heatmap = F.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert pointing_location(heatmap) == (56.0, 8.0)
+    assert pointing_hit(heatmap, (40, 0, 24, 24)) and not pointing_hit(heatmap, (48, 0, 6, 6))
+    assert pointing_location(np.zeros((8, 8))) is None
