@@ -1,0 +1,487 @@
+"""Measure our code against the bare limits on this machine: six ratios with goals, a table and a JSON file.
+
+    python scripts/benchmark.py                                        # CPU or GPU, synthetic NIH-format images
+    python scripts/benchmark.py --device cuda --data-dir /data/nih --json bench.json
+    python scripts/benchmark.py --device cpu --image-size 64 --batch-size 2 --steps 1 --rounds 1   # smoke run
+
+Each pair runs the same files or the same batch, interleaved, best of a few rounds, warm-up excluded:
+  png_pipeline_vs_decode  ChestXrayDataset[i] from PNG (decode, resize, CLAHE, augment, tensor) vs bare
+                          cv2.imdecode of the same files; images/s on one thread            goal >= 0.85
+  cache_vs_png_pipeline   the same dataset served by the decoded-image cache vs from PNG      goal >= 10
+  train_step_vs_bare      train_one_epoch (CXRNet, LabelSmoothedBCE, DevicePolicy, our Adam groups,
+                          every stage trainable) vs torchvision densenet121 + BCE + Adam      goal >= 0.9
+  eval_vs_bare_forward    predict() on ready uint8 batches vs a no_grad forward of the model  goal >= 0.9
+  gradcam14_vs_forward    GradCAM of all 14 classes vs one no_grad forward (time, lower wins) goal <= 2.0
+  data_wait_fraction      make_loader (trainer settings, cache) feeding train_one_epoch: share of step
+                          time spent waiting for the next batch                               goal < 0.05 on GPU
+On CUDA it also reports gpu_train_images_per_s (that end-to-end run; aim >= 3,500 on one H100/H200 at 224 px
+with AMP and channels_last) and peak_gpu_memory_gb. Without --data-dir a small synthetic set is generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torchvision.models import densenet121  # noqa: E402
+
+from cxr.cache import CacheError, ImageCache, build_cache  # noqa: E402
+from cxr.config import Config  # noqa: E402
+from cxr.data import (ChestXrayDataset, DataError, NihData, find_table, load_nih, locate_images,  # noqa: E402
+                      read_nih_table, table_to_index)
+from cxr.distributed import DistContext, RankZero  # noqa: E402
+from cxr.engine import DevicePolicy, predict, train_one_epoch  # noqa: E402
+from cxr.factory import (build_optimizer, build_scheduler, cache_parameters, device_policy, make_dataset,  # noqa: E402
+                         make_loader, start_epoch)
+from cxr.gradcam import GradCAM  # noqa: E402
+from cxr.labels import NUM_CLASSES  # noqa: E402
+from cxr.losses import LabelSmoothedBCE  # noqa: E402
+from cxr.model import CXRNet, build_model, stages_to_unfreeze  # noqa: E402
+from cxr.synthetic import generate_synthetic_nih  # noqa: E402
+
+GOALS: dict[str, tuple[str, float]] = {
+    "png_pipeline_vs_decode": (">=", 0.85), "cache_vs_png_pipeline": (">=", 10.0), "train_step_vs_bare": (">=", 0.9),
+    "eval_vs_bare_forward": (">=", 0.9), "gradcam14_vs_forward": ("<=", 2.0), "data_wait_fraction": ("<", 0.05),
+}
+GPU_TRAIN_AIM = 3500.0  # images/s, DenseNet121 at 224 px from the cache on one H100/H200
+MIN_PASS_SECONDS = 0.2  # per-core image benchmarks: each timed pass over the files lasts at least this long
+
+
+class _QuietLog(RankZero):
+    """The trainer's logger without progress bars, so that timings and the table stay clean."""
+
+    def progress(self, iterable, **_: Any):
+        return iterable
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags; sizes left unset get device-dependent defaults in `resolve_defaults`."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
+    parser.add_argument("--data-dir", default="", help="NIH folder (only images on disk are used); default: synthetic")
+    parser.add_argument("--json", default="", help="write the report here as JSON")
+    parser.add_argument("--image-size", type=int, help="network input size (default 224 on CUDA, 128 on CPU)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default 128 on CUDA, 8 on CPU)")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default 30 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up steps (default 5 on CUDA, 1 on CPU)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers and cache builders (default min(8, cores-1) "
+                        "on CUDA, min(2, cores) on CPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per pair; the best counts")
+    parser.add_argument("--max-images", type=int, default=64, help="files used by the per-core image benchmarks")
+    parser.add_argument("--synthetic-patients", type=int, default=40, help="patients generated (no --data-dir)")
+    parser.add_argument("--synthetic-size", type=int, default=256, help="generated image size (no --data-dir)")
+    return parser.parse_args(argv)
+
+
+def resolve_defaults(args: argparse.Namespace, cuda: bool, cpus: int) -> argparse.Namespace:
+    """Fill unset sizes for the device and reject values no benchmark can run with, naming the flag."""
+    defaults = {"image_size": (224, 128), "batch_size": (128, 8), "steps": (30, 3), "warmup": (5, 1),
+                "workers": (min(8, max(1, cpus - 1)), min(2, cpus))}
+    for name, (on_gpu, on_cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if cuda else on_cpu)
+    minimums = {"image_size": 32, "batch_size": 2, "steps": 1, "warmup": 1, "workers": 0, "max_images": 1, "rounds": 1}
+    problems = [f"--{name.replace('_', '-')} must be at least {low}" for name, low in minimums.items()
+                if getattr(args, name) < low]
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems) + " (batch 2: the head's BatchNorm needs two images)")
+    return args
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare_files(args: argparse.Namespace, workdir: Path) -> tuple[Path, int]:
+    """A folder with a table and links to the first --max-images images on disk; returns it and the source size."""
+    source = Path(args.data_dir) if args.data_dir else workdir / "synthetic"
+    if not args.data_dir:
+        generate_synthetic_nih(source, patients=args.synthetic_patients, size=args.synthetic_size, seed=0)
+    table_path = find_table(source)
+    table = read_nih_table(table_path)
+    index = locate_images(table_to_index(table, str(table_path)), source)
+    present = np.flatnonzero(index.image_dir_ids >= 0)[: args.max_images]
+    if len(present) < 2:
+        raise DataError(f"--data-dir {source}: {len(present)} image(s) of {table_path.name} on disk; "
+                        "the benchmark needs 2")
+    subset = workdir / "files"
+    (subset / "images").mkdir(parents=True)
+    table.iloc[present].to_csv(subset / "Data_Entry_2017.csv", index=False)
+    for row in present:
+        target, link = Path(index.image_path(row)).resolve(), subset / "images" / index.image_names[row]
+        try:
+            os.symlink(target, link)
+        except OSError:  # no symlinks on this file system
+            link.write_bytes(target.read_bytes())
+    first = cv2.imdecode(np.fromfile(index.image_path(present[0]), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    return subset, int(first.shape[0])
+
+
+def best_rates(passes: dict[str, Callable[[int], Any]], count: int, rounds: int) -> dict[str, float]:
+    """Best items/s of each pass over items 0..count-1; rounds interleave the passes so load changes hit all alike."""
+    for run_one in passes.values():  # untimed: page cache, CLAHE objects, albumentations set-up
+        for item in range(count):
+            run_one(item)
+    best = dict.fromkeys(passes, 0.0)
+    for _ in range(rounds):
+        for name, run_one in passes.items():
+            done, start = 0, time.perf_counter()
+            while done == 0 or time.perf_counter() - start < MIN_PASS_SECONDS:
+                for item in range(count):
+                    run_one(item)
+                done += count
+            best[name] = max(best[name], done / (time.perf_counter() - start))
+    return best
+
+
+def bare_train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     inputs: torch.Tensor, targets: torch.Tensor, amp_dtype: torch.dtype | None, steps: int) -> None:
+    """The textbook step: autocast forward, BCE-with-logits, backward, Adam."""
+    model.train()
+    for _ in range(steps):
+        with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(inputs)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+class ReadyBatches:
+    """A stand-in for an evaluation DataLoader: one ready uint8 batch, served `count` times as new samples."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, count: int):
+        self.images, self.targets, self.count = images, targets, count
+        self.dataset = range(count * len(images))  # predict() only needs its length
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        size = len(self.images)
+        for batch in range(self.count):
+            yield self.images, self.targets, torch.arange(batch * size, (batch + 1) * size)
+
+
+class WaitTimer:
+    """Wraps a DataLoader and records, per batch, when it was asked for and how long it took to arrive."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader, self.dataset = loader, loader.dataset
+        self.requested: list[float] = []
+        self.waits: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.requested.append(asked)
+            self.waits.append(time.perf_counter() - asked)
+            yield batch
+
+
+def best_seconds(device: torch.device, works: dict[str, Callable[[int], Any]], warmup: int, steps: int,
+                 rounds: int) -> dict[str, float]:
+    """Fastest time of `work(steps)` per work after an untimed `work(warmup)`; rounds interleave the works."""
+    def timed(work: Callable[[int], Any], count: int) -> float:
+        synchronize(device)  # queued GPU work belongs to whoever queued it
+        start = time.perf_counter()
+        work(count)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    for work in works.values():
+        timed(work, warmup)
+    best = dict.fromkeys(works, math.inf)
+    for _ in range(rounds):
+        for name, work in works.items():
+            best[name] = min(best[name], timed(work, steps))
+    return best
+
+
+@dataclasses.dataclass
+class Bench:
+    """What the measurements share: device settings, the benchmark files (PNG and cached) and one batch."""
+
+    args: argparse.Namespace
+    ctx: DistContext
+    config: Config
+    policy: DevicePolicy
+    data: NihData
+    cache: ImageCache
+    images: torch.Tensor  # uint8 [B, 1, S, S], pinned on CUDA, as a loader hands it over
+    targets: torch.Tensor
+    inputs: torch.Tensor  # the same batch normalized on the device: what the bare code gets
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def dataset(self, rows: np.ndarray, cached: bool) -> ChestXrayDataset:
+        """The trainer's augmented training dataset over `rows` of the benchmark files."""
+        return training_dataset(self.config, self.data, rows, self.cache if cached else None)
+
+
+def training_dataset(config: Config, data: NihData, rows: np.ndarray, cache: ImageCache | None) -> ChestXrayDataset:
+    """make_dataset's training dataset (with augmentation) over index rows of our choice; rows may repeat."""
+    return make_dataset(config, dataclasses.replace(data, splits={"train": rows}), "train", train=True, cache=cache)
+
+
+def set_up(args: argparse.Namespace, device: torch.device, workdir: Path, figures: dict) -> Bench:
+    """Benchmark files, their cache (built untimed), the trainer's config and policy, and one cached batch."""
+    files_dir, figures["source_image_px"] = prepare_files(args, workdir)
+    config = Config(data_dir=str(files_dir), cache_dir=str(workdir / "cache"), skip_missing=True, split="random",
+                    image_size=args.image_size, batch_size=args.batch_size, workers=args.workers, device=device.type,
+                    unfreeze="all", weights="none")
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
+    policy = device_policy(config, ctx)
+    data = load_nih(files_dir, skip_missing=True, split="random")
+    started = time.perf_counter()  # worker processes start in seconds (forkserver): only worth it for many files
+    build_cache(files_dir, config.cache_dir, config.image_size, config.preprocess, config.clahe_clip, config.clahe_grid,
+                workers=max(1, min(args.workers, len(data.index) // 500)), skip_missing=True, progress=False)
+    figures["cache_build_seconds"] = time.perf_counter() - started
+    figures["benchmark_files"] = len(data.index)
+    cache = ImageCache.open(config.cache_dir, expected=cache_parameters(config))
+    batch_set = training_dataset(config, data, np.resize(np.arange(len(data.index)), args.batch_size), cache)
+    batch_set.reseed(0)
+    images, targets, _ = next(iter(torch.utils.data.DataLoader(batch_set, batch_size=args.batch_size)))
+    if device.type == "cuda":
+        images, targets = images.pin_memory(), targets.pin_memory()
+    return Bench(args, ctx, config, policy, data, cache, images, targets, policy.inputs(images))
+
+
+def measure_image_pipelines(bench: Bench) -> dict[str, float]:
+    """Images/s on one thread: bare cv2 decode, our PNG pipeline and our cached pipeline over the same files."""
+    rows = np.arange(len(bench.data.index))
+    paths = [bench.data.index.image_path(row) for row in rows]
+    png_set, cached_set = bench.dataset(rows, cached=False), bench.dataset(rows, cached=True)
+    png_set.reseed(0)
+    cached_set.reseed(0)
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        passes = {"decode": lambda i: cv2.imdecode(np.fromfile(paths[i], dtype=np.uint8), cv2.IMREAD_UNCHANGED),
+                  "png_pipeline": png_set.__getitem__, "cache_pipeline": cached_set.__getitem__}
+        return best_rates(passes, len(paths), bench.args.rounds)
+    finally:
+        cv2.setNumThreads(cv2_threads)  # the DataLoader workers later run with the trainer's own settings
+
+
+def measure_training(bench: Bench, trainer: Callable[..., dict]) -> dict[str, float]:
+    """Seconds for --steps steps: our train_one_epoch vs the bare torchvision step on the same batch."""
+    memory_format = torch.channels_last if bench.policy.channels_last else torch.contiguous_format
+    bare = densenet121(num_classes=NUM_CLASSES).to(bench.device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(bare.parameters(), lr=bench.config.lr)
+    scaler = torch.amp.GradScaler(bench.device.type, enabled=bench.policy.uses_grad_scaler)
+    targets = bench.targets.to(bench.device)
+
+    def bare_steps(count: int) -> None:
+        bare_train_steps(bare, optimizer, scaler, bench.inputs, targets, bench.policy.amp_dtype, count)
+
+    def ours(count: int) -> None:
+        trainer([(bench.images, bench.targets, None)] * count, count)
+
+    return best_seconds(bench.device, {"ours": ours, "bare": bare_steps}, bench.args.warmup, bench.args.steps,
+                        bench.args.rounds)
+
+
+def measure_inference(bench: Bench, model: CXRNet) -> tuple[dict[str, float], dict[str, float]]:
+    """predict() vs a bare no_grad forward (seconds for --steps batches), and Grad-CAM of 14 classes vs one forward."""
+    def our_predict(count: int) -> None:
+        predict(model, ReadyBatches(bench.images, bench.targets, count), bench.ctx, bench.policy)
+
+    def bare_forward(count: int, autocast: bool = True) -> None:
+        model.eval()
+        with torch.no_grad(), bench.policy.autocast() if autocast else nullcontext():
+            for _ in range(count):
+                model(bench.inputs)
+
+    cam, all_classes = GradCAM(model), list(range(NUM_CLASSES))
+
+    def gradcam(count: int) -> None:
+        for _ in range(count):
+            cam(bench.inputs, all_classes)
+
+    rounds = bench.args.rounds
+    evaluation = best_seconds(bench.device, {"predict": our_predict, "forward": bare_forward}, bench.args.warmup,
+                              bench.args.steps, rounds)
+    # Both without autocast, the way explain.py calls Grad-CAM.
+    explanation = best_seconds(bench.device, {"gradcam": gradcam, "forward": lambda count: bare_forward(count, False)},
+                               1, 1, rounds)
+    return evaluation, explanation
+
+
+def measure_data_wait(bench: Bench, trainer: Callable[..., dict]) -> tuple[float, float]:
+    """The trainer's DataLoader over the cache feeding our step: (seconds waiting for batches, seconds in all).
+
+    Warm-up steps (worker start-up, cuDNN autotuning) are left out of both.
+    """
+    warmup, steps, batch_size = bench.args.warmup, bench.args.steps, bench.args.batch_size
+    dataset = bench.dataset(np.resize(np.arange(len(bench.data.index)), (warmup + steps) * batch_size), cached=True)
+    loader = make_loader(dataset, bench.config, bench.ctx, train=True)
+    start_epoch(loader, bench.config, bench.ctx, 0)
+    timer = WaitTimer(loader)
+    trainer(timer, warmup + steps)
+    synchronize(bench.device)
+    ended = time.perf_counter()
+    if len(timer.waits) != warmup + steps:
+        raise RuntimeError(f"the loader gave {len(timer.waits)} batches, expected {warmup + steps}")
+    return sum(timer.waits[warmup:]), ended - timer.requested[warmup]
+
+
+def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    """All six measurements; returns the report dict (settings, figures, ratios, goals)."""
+    started, cuda, batch, steps = time.perf_counter(), device.type == "cuda", args.batch_size, args.steps
+    figures: dict[str, float] = {}
+    bench = set_up(args, device, workdir, figures)
+    note(started, f"{len(bench.data.index)} files ready and cached; per-core image pipelines")
+    rates = measure_image_pipelines(bench)
+    figures.update({f"{name}_images_per_s_per_core": rate for name, rate in rates.items()})
+
+    note(started, "training step vs bare")
+    memory_format = torch.channels_last if bench.policy.channels_last else torch.contiguous_format
+    model = build_model("none", bench.config.hidden_sizes, bench.config.dropout).to(device, memory_format=memory_format)
+    model.set_trainable_stages(stages_to_unfreeze("all"))  # phase 2 with every stage: the same work as the bare step
+    optimizer = build_optimizer(model, bench.config)
+    scheduler = build_scheduler(optimizer, bench.config, steps_per_epoch=10 * (args.warmup + steps))
+    loss_fn = LabelSmoothedBCE(bench.config.label_smoothing).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=bench.policy.uses_grad_scaler)
+    log = _QuietLog(bench.ctx, None, False)
+
+    def trainer(loader: Any, count: int) -> dict:
+        return train_one_epoch(model, loss_fn, optimizer, loader, bench.ctx, log, bench.policy, epoch=0, global_step=0,
+                               scaler=scaler, step_scheduler=scheduler.step, max_steps=count,
+                               log_every=bench.config.log_every, grad_clip=bench.config.grad_clip)
+
+    training = measure_training(bench, trainer)
+    figures["train_step_images_per_s"] = steps * batch / training["ours"]
+    figures["bare_train_step_images_per_s"] = steps * batch / training["bare"]
+    if cuda:
+        torch.cuda.empty_cache()  # the bare model is gone
+
+    note(started, "predict vs bare forward; Grad-CAM vs forward")
+    evaluation, explanation = measure_inference(bench, model)
+    figures["predict_images_per_s"] = steps * batch / evaluation["predict"]
+    figures["bare_forward_images_per_s"] = steps * batch / evaluation["forward"]
+    figures["gradcam14_seconds_per_batch"] = explanation["gradcam"]
+    figures["forward_seconds_per_batch"] = explanation["forward"]
+
+    note(started, "DataLoader feeding the training step")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    figures["data_wait_seconds"], window = measure_data_wait(bench, trainer)
+    figures["end_to_end_train_images_per_s"] = steps * batch / window
+    if cuda:
+        figures["gpu_train_images_per_s"] = figures["end_to_end_train_images_per_s"]
+        figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    figures["total_seconds"] = time.perf_counter() - started
+
+    ratios = {
+        "png_pipeline_vs_decode": rates["png_pipeline"] / rates["decode"],
+        "cache_vs_png_pipeline": rates["cache_pipeline"] / rates["png_pipeline"],
+        "train_step_vs_bare": training["bare"] / training["ours"],
+        "eval_vs_bare_forward": evaluation["forward"] / evaluation["predict"],
+        "gradcam14_vs_forward": explanation["gradcam"] / explanation["forward"],
+        "data_wait_fraction": figures["data_wait_seconds"] / window,
+    }
+    amp = "off" if bench.policy.amp_dtype is None else str(bench.policy.amp_dtype).replace("torch.", "")
+    return {"device": f"{device} ({torch.cuda.get_device_name(device)})" if cuda else str(device),
+            "cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(), "amp": amp,
+            "memory_format": "channels_last" if bench.policy.channels_last else "contiguous",
+            "image_size": args.image_size, "batch_size": batch, "steps": steps, "warmup": args.warmup,
+            "rounds": args.rounds, "workers": args.workers,
+            "figures": {name: significant(value) for name, value in figures.items()},
+            "ratios": {name: significant(value) for name, value in ratios.items()},
+            "goals": {name: f"{op} {limit:g}" for name, (op, limit) in GOALS.items()},
+            "goals_met": {name: meets(ratios[name], *GOALS[name]) for name in GOALS}}
+
+
+def note(started: float, text: str) -> None:
+    """Progress on stderr, so that a long CPU run shows where it is."""
+    print(f"benchmark [{time.perf_counter() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def meets(value: float, op: str, limit: float) -> bool:
+    """True when `value op limit` holds."""
+    return {">=": value >= limit, "<=": value <= limit, "<": value < limit}[op]
+
+
+def significant(value: float, digits: int = 4) -> float:
+    """Rounded to `digits` significant digits (a tiny fraction stays non-zero)."""
+    return float(f"{value:.{digits}g}")
+
+
+def cpu_count() -> int:
+    """Cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def format_report(report: dict) -> str:
+    """The header line, the ratio table and the raw figures."""
+    lines = [f"device {report['device']}, {report['cpu_count']} CPU core(s), "
+             f"{report['torch_threads']} torch thread(s), AMP {report['amp']}, {report['memory_format']}; "
+             f"image {report['image_size']} px, batch {report['batch_size']}, {report['steps']} timed step(s), "
+             f"{report['rounds']} round(s), {report['workers']} worker(s)",
+             "", f"{'ratio':<24} {'measured':>10}  {'goal':<8} met"]
+    for name, value in report["ratios"].items():
+        note = " (goal is for GPUs)" if name == "data_wait_fraction" and report["device"] == "cpu" else ""
+        lines.append(f"{name:<24} {value:>10.4g}  {report['goals'][name]:<8} "
+                     f"{'yes' if report['goals_met'][name] else 'NO'}{note}")
+    lines += ["", "figures:"] + [f"  {name:<40} {value:.4g}" for name, value in report["figures"].items()]
+    if "gpu_train_images_per_s" in report["figures"]:
+        lines.append(f"  (aim on one H100/H200 at 224 px with AMP and channels_last: >= {GPU_TRAIN_AIM:,.0f} images/s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, run every benchmark, print the table, write the JSON; returns the exit code."""
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: CUDA is not available here; use --device cpu", file=sys.stderr)
+        return 2
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")  # the first visible GPU
+    resolve_defaults(args, cuda, cpu_count())
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+    try:
+        with tempfile.TemporaryDirectory(prefix="cxr-benchmark-") as workdir:
+            report = run(args, device, Path(workdir))
+    except (DataError, CacheError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
