@@ -86,12 +86,22 @@ def _clahe(clip_limit: float, tile_grid: int) -> cv2.CLAHE:
     return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
 
 
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to size x size: area averaging when shrinking, bilinear when enlarging."""
+    if image.shape[0] <= size and image.shape[1] <= size:
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    # OpenCV's area resize is ~4x faster for whole-number factors: halve while the image is at least twice
+    # the target (1024 -> 512 -> 256 -> 224 costs 0.5 ms here, 1024 -> 224 in one go 1.7 ms).
+    while image.shape[0] >= 2 * size and image.shape[1] >= 2 * size:
+        image = cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
 def preprocess_image(image: np.ndarray, size: int, method: str = "clahe", clahe_clip: float = 2.0,
                      clahe_grid: int = 8) -> np.ndarray:
     """Resize to size x size (area interpolation), then CLAHE and/or global histogram equalization."""
     if image.shape[0] != size or image.shape[1] != size:
-        shrinking = image.shape[0] > size
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        image = resize_square(image, size)
     if method == "none":
         return image
     if method not in ("clahe", "equalize", "clahe+equalize"):
