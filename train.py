@@ -32,7 +32,7 @@ from cxr.factory import (build_optimizer, build_scheduler, device_policy, load_d
 from cxr.labels import FINDINGS
 from cxr.losses import LabelSmoothedBCE, pos_weight_from_labels
 from cxr.metrics import auroc_per_class, mean_auroc
-from cxr.model import CXRNet, build_model, stages_to_unfreeze
+from cxr.model import CXRNet, WeightsUnavailableError, build_model, stages_to_unfreeze
 
 
 def resolve_config(argv: list[str] | None) -> tuple[Config, dict | None]:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_distributed(config.device)
     try:
         return run(config, resumed, ctx)
-    except (DataError, NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (DataError, NonFiniteLossError, CheckpointError, WeightsUnavailableError, FileNotFoundError, ValueError) as error:
         if ctx.is_main:
             print(f"error: {error}", file=sys.stderr)
         return 1

@@ -31,6 +31,10 @@ DENSE_BLOCKS = ("block1", "block2", "block3", "block4")
 FEATURE_CHANNELS = 1024
 
 
+class WeightsUnavailableError(RuntimeError):
+    """The ImageNet weights could not be downloaded; the message says how to pass a local file."""
+
+
 class CXRNet(nn.Module):
     """DenseNet121 features + multi-label head; frozen stages keep their BatchNorm in eval mode."""
 
@@ -95,7 +99,7 @@ def stages_to_unfreeze(unfreeze: str | int) -> set[str]:
 
 
 # Old torchvision DenseNet files name layers 'norm.1' where the module now says 'norm1'.
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def _trunk_state_from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,7 +119,7 @@ def load_imagenet_trunk(model: CXRNet) -> None:
         state = DenseNet121_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     except Exception as error:  # URLError, SSL errors, proxies: all mean "no download"
         url = DenseNet121_Weights.IMAGENET1K_V1.url
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"could not download the ImageNet DenseNet121 weights ({type(error).__name__}: {error}).\n"
             f"Offline? Fetch {url} on a machine with internet and pass the file: "
             f"--weights /path/to/{url.rsplit('/', 1)[-1]}  (or --weights none to train from scratch)"
@@ -143,7 +147,7 @@ def load_weights_file(model: CXRNet, path: str | Path) -> str:
     try:
         model.features.load_state_dict(trunk)
     except RuntimeError as error:
-        raise ValueError(f"--weights {path}: not DenseNet121 weights ({error})") from error
+        raise ValueError(f"--weights {path}: not DenseNet121 weights ({str(error)[:300]}...)") from error
     return "torchvision"
 
 
