@@ -6,48 +6,20 @@ images, because NIH ChestX-ray14 has many images per patient.
 
 Example::
 
-    import json
-    from cxr import metrics
-    from cxr.labels import FINDINGS
+    aurocs = auroc_per_class(y_true, y_score)                      # NaN for single-valued classes
+    ci = bootstrap_auroc_ci(y_true, y_score, patient_ids, n_resamples=1000, seed=0)
+    thresholds = select_thresholds(val_true, val_score, "youden")
 
-    summary = metrics.summarize(y_true, y_score, patient_ids, FINDINGS, n_resamples=1000, seed=0)
-    print(metrics.format_table(summary, FINDINGS))
-    with open("metrics.json", "w") as f:
-        json.dump(summary, f, indent=2)
+`cxr.report` bundles all of them into the JSON-ready summary and the printed table.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score
-
-# Rajpurkar et al. 2017 (CheXNet), Table 1; measured on a random patient split of ChestX-ray14.
-CHEXNET_AUROC: dict[str, float] = {
-    "Atelectasis": 0.8094,
-    "Cardiomegaly": 0.9248,
-    "Effusion": 0.8638,
-    "Infiltration": 0.7345,
-    "Mass": 0.8676,
-    "Nodule": 0.7802,
-    "Pneumonia": 0.7680,
-    "Pneumothorax": 0.8887,
-    "Consolidation": 0.7901,
-    "Edema": 0.8878,
-    "Emphysema": 0.9371,
-    "Fibrosis": 0.8047,
-    "Pleural_Thickening": 0.8062,
-    "Hernia": 0.9164,
-}
-CHEXNET_MEAN_AUROC = 0.841
-CHEXNET_FOOTNOTE = (
-    "CheXNet figures come from a random patient split (Rajpurkar et al. 2017) and are not "
-    "directly comparable to other splits such as the official test_list.txt."
-)
-
 
 def check_inputs(y_true: Any, y_score: Any, score_name: str = "y_score") -> tuple[np.ndarray, np.ndarray]:
     """Return float64 [N, C] copies of labels and scores after checking shapes and values."""
@@ -134,7 +106,7 @@ def auroc_per_class(y_true: Any, y_score: Any) -> np.ndarray:
     return np.array([weighted_auroc(y_true[:, c], y_score[:, c], ones)[0] for c in range(y_true.shape[1])])
 
 
-def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+def mean_over_classes(values: np.ndarray) -> np.ndarray:
     """Mean over the last axis ignoring NaN, NaN (without a warning) where a row has no value."""
     valid = ~np.isnan(values)
     counts = valid.sum(axis=-1)
@@ -145,7 +117,7 @@ def _nanmean_rows(values: np.ndarray) -> np.ndarray:
 
 def mean_auroc(aurocs: Any) -> float:
     """Mean over the non-NaN classes; NaN if every class is NaN."""
-    return float(_nanmean_rows(np.asarray(aurocs, dtype=np.float64)))
+    return float(mean_over_classes(np.asarray(aurocs, dtype=np.float64)))
 
 
 def patient_bootstrap_counts(n_patients: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -192,7 +164,7 @@ def bootstrap_auroc_ci(
                     layout, counts[:, pos_patients], counts[:, neg_patients]
                 )
     tail = 100 * (1 - level) / 2
-    mean_per_resample = _nanmean_rows(per_resample)
+    mean_per_resample = mean_over_classes(per_resample)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are degenerate classes
         low, high = np.nanpercentile(per_resample, [tail, 100 - tail], axis=0)
@@ -249,7 +221,7 @@ def select_thresholds(y_true: Any, y_score: Any, method: str = "youden") -> np.n
     return thresholds
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """Element-wise ratio that is NaN where the denominator is 0 (an undefined rate, not an error)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
@@ -273,11 +245,11 @@ def operating_point_metrics(y_true: Any, y_score: Any, thresholds: Any) -> dict[
         counts["fn"][c] = np.sum(~predicted & labels)
     tp, fp, tn, fn = counts["tp"], counts["fp"], counts["tn"], counts["fn"]
     return {
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "ppv": _ratio(tp, tp + fp),
-        "npv": _ratio(tn, tn + fn),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "sensitivity": safe_ratio(tp, tp + fn),
+        "specificity": safe_ratio(tn, tn + fp),
+        "ppv": safe_ratio(tp, tp + fp),
+        "npv": safe_ratio(tn, tn + fn),
+        "f1": safe_ratio(2 * tp, 2 * tp + fp + fn),
         **counts,
     }
 
@@ -297,8 +269,8 @@ def reliability_curve(y_true_col: Any, y_prob_col: Any, n_bins: int = 10) -> dic
     sum_label = np.bincount(bins, weights=labels.astype(np.float64), minlength=n_bins)
     return {
         "bin_centers": (np.arange(n_bins) + 0.5) / n_bins,
-        "mean_predicted": _ratio(sum_prob, count),
-        "observed_frequency": _ratio(sum_label, count),
+        "mean_predicted": safe_ratio(sum_prob, count),
+        "observed_frequency": safe_ratio(sum_label, count),
         "count": count,
     }
 
@@ -314,103 +286,3 @@ def expected_calibration_error(y_true: Any, y_prob: Any, n_bins: int = 10) -> np
             gaps = np.abs(curve["mean_predicted"] - curve["observed_frequency"])
             result[c] = np.sum(np.where(count > 0, gaps, 0.0) * count) / count.sum()
     return result
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert numpy values, arrays and containers to plain Python, with NaN/inf as None."""
-    if isinstance(obj, dict):
-        return {str(key): to_jsonable(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [to_jsonable(value) for value in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def summarize(
-    y_true: Any,
-    y_score: Any,
-    patient_ids: Any,
-    class_names: Sequence[str],
-    thresholds: Any = None,
-    n_resamples: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """All metrics as a JSON-ready dict; fields without thresholds (or resamples) are None."""
-    y_true, y_score = check_inputs(y_true, y_score)
-    if len(class_names) != y_true.shape[1]:
-        raise ValueError(f"got {len(class_names)} class names for {y_true.shape[1]} columns")
-    n_classes = y_true.shape[1]
-    aurocs = auroc_per_class(y_true, y_score)
-    nothing = np.full(n_classes, np.nan)
-    ci = (
-        bootstrap_auroc_ci(y_true, y_score, patient_ids, n_resamples, seed)
-        if n_resamples > 0
-        else {"low": nothing, "high": nothing, "mean_low": np.nan, "mean_high": np.nan}
-    )
-    operating = {} if thresholds is None else operating_point_metrics(y_true, y_score, thresholds)
-    known = ~np.isnan(y_true)
-    n_known = known.sum(axis=0)
-    positives = (y_true == 1).sum(axis=0)
-    columns = {
-        "auroc": aurocs,
-        "ci_low": ci["low"],
-        "ci_high": ci["high"],
-        "auprc": auprc_per_class(y_true, y_score),
-        "threshold": nothing if thresholds is None else np.asarray(thresholds, dtype=np.float64),
-        **{key: operating.get(key, nothing) for key in ("sensitivity", "specificity", "ppv", "npv", "f1")},
-        "ece": expected_calibration_error(y_true, y_score),
-        "prevalence": _ratio(positives.astype(np.float64), n_known),
-        "n": n_known,
-        "positives": positives,
-    }
-    classes = {name: {key: values[c] for key, values in columns.items()} for c, name in enumerate(class_names)}
-    return to_jsonable(
-        {
-            "classes": classes,
-            "mean_auroc": mean_auroc(aurocs),
-            "mean_auroc_ci": [ci["mean_low"], ci["mean_high"]],
-            "n_images": len(y_true),
-            "n_patients": len(np.unique(np.asarray(patient_ids))),
-            "n_resamples": n_resamples,
-            "seed": seed,
-        }
-    )
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    """A number to `digits` decimals, or 'n/a' for None/NaN."""
-    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def format_table(summary: dict[str, Any], class_names: Sequence[str]) -> str:
-    """Fixed-width table: class, positives, AUROC [95% CI], AUPRC, CheXNet AUROC, a mean row and a footnote."""
-    name_width = max([len("Class"), len("Mean"), *map(len, class_names)])
-    header = f"{'Class':<{name_width}}  {'Pos':>6}  {'AUROC [95% CI]':<22}  {'AUPRC':>6}  {'CheXNet':>7}"
-    lines = [header, "-" * len(header)]
-
-    def row(name: str, positives: str, auroc: Any, low: Any, high: Any, auprc: Any, chexnet: Any) -> str:
-        interval = f"{_fmt(auroc)} [{_fmt(low)}, {_fmt(high)}]"
-        published = _fmt(chexnet, digits=4)  # the paper reports four decimals
-        return f"{name:<{name_width}}  {positives:>6}  {interval:<22}  {_fmt(auprc):>6}  {published:>7}"
-
-    auprcs = []
-    for name in class_names:
-        entry = summary["classes"][name]
-        auprcs.append(np.nan if entry["auprc"] is None else entry["auprc"])
-        lines.append(
-            row(name, str(entry["positives"]), entry["auroc"], entry["ci_low"], entry["ci_high"],
-                entry["auprc"], CHEXNET_AUROC.get(name))
-        )
-    lines.append("-" * len(header))
-    low, high = summary["mean_auroc_ci"]
-    mean_auprc = float(_nanmean_rows(np.asarray(auprcs, dtype=np.float64)))
-    lines.append(row("Mean", "", summary["mean_auroc"], low, high, mean_auprc, CHEXNET_MEAN_AUROC))
-    lines.append(f"Note: {CHEXNET_FOOTNOTE}")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Tests for cxr.metrics and cxr.plots: values checked against scikit-learn and hand-computed cases."""
+"""Tests for cxr.metrics, cxr.report and cxr.plots: values checked against scikit-learn and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxr import metrics
+from cxr import metrics, report
 from cxr.labels import FINDINGS
 from cxr.plots import plot_reliability, plot_roc_curves
 
@@ -203,7 +203,7 @@ def _summary_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_summarize_is_json_ready_and_consistent():
     y_true, y_score, patient_ids = _summary_data()
-    summary = metrics.summarize(y_true, y_score, patient_ids, FINDINGS, n_resamples=100, seed=0)
+    summary = report.summarize(y_true, y_score, patient_ids, FINDINGS, n_resamples=100, seed=0)
     restored = json.loads(json.dumps(summary, allow_nan=False))
     assert restored == summary
     assert summary["n_images"] == 300 and summary["n_patients"] == 100
@@ -215,7 +215,7 @@ def test_summarize_is_json_ready_and_consistent():
     assert first["sensitivity"] is None and first["threshold"] is None
     assert summary["mean_auroc"] == pytest.approx(metrics.mean_auroc(metrics.auroc_per_class(y_true, y_score)))
     thresholds = metrics.select_thresholds(y_true, y_score)
-    with_thresholds = metrics.summarize(y_true, y_score, patient_ids, FINDINGS, thresholds, n_resamples=20)
+    with_thresholds = report.summarize(y_true, y_score, patient_ids, FINDINGS, thresholds, n_resamples=20)
     operating = metrics.operating_point_metrics(y_true, y_score, thresholds)
     assert with_thresholds["classes"]["Atelectasis"]["sensitivity"] == pytest.approx(operating["sensitivity"][0])
     assert with_thresholds["classes"]["Hernia"]["threshold"] is None
@@ -223,8 +223,8 @@ def test_summarize_is_json_ready_and_consistent():
 
 def test_format_table_shows_classes_na_and_chexnet():
     y_true, y_score, patient_ids = _summary_data()
-    summary = metrics.summarize(y_true, y_score, patient_ids, FINDINGS, n_resamples=50)
-    table = metrics.format_table(summary, FINDINGS)
+    summary = report.summarize(y_true, y_score, patient_ids, FINDINGS, n_resamples=50)
+    table = report.format_table(summary, FINDINGS)
     lines = table.splitlines()
     assert all(any(line.startswith(name) for line in lines) for name in FINDINGS)
     hernia_line = next(line for line in lines if line.startswith("Hernia"))
@@ -235,9 +235,9 @@ def test_format_table_shows_classes_na_and_chexnet():
 
 
 def test_chexnet_reference_covers_the_findings():
-    assert set(metrics.CHEXNET_AUROC) == set(FINDINGS)
-    assert metrics.CHEXNET_AUROC["Cardiomegaly"] == 0.9248
-    assert np.mean(list(metrics.CHEXNET_AUROC.values())) == pytest.approx(metrics.CHEXNET_MEAN_AUROC, abs=1e-3)
+    assert set(report.CHEXNET_AUROC) == set(FINDINGS)
+    assert report.CHEXNET_AUROC["Cardiomegaly"] == 0.9248
+    assert np.mean(list(report.CHEXNET_AUROC.values())) == pytest.approx(report.CHEXNET_MEAN_AUROC, abs=1e-3)
 
 
 @pytest.mark.parametrize("plot", [plot_roc_curves, plot_reliability])
