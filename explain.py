@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", default="top3", help="top3 (any topN), all, or names: Effusion,Mass")
     parser.add_argument("--method", default="gradcam", choices=("gradcam", "gradcam++"))
     parser.add_argument("--box-threshold", type=float, default=0.5, help="heat >= this fraction of the map's max makes a box")
-    parser.add_argument("--boxes", help="BBox_List_2017.csv: draw ground-truth boxes of the images it knows")
+    parser.add_argument("--boxes", help="BBox_List_2017.csv: draw ground-truth boxes of the images it knows "
+                        "(dataset images: the data folder's own box list by default)")
     parser.add_argument("--data-dir", help="explain dataset images (default: the checkpoint's data, with --split)")
     parser.add_argument("--split", choices=("train", "val", "test"), help="explain this split of --data-dir")
     parser.add_argument("--limit", type=int, default=16, help="at most this many dataset images (0: all)")
@@ -230,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
         items = [(path.name, str(path)) for path in collect_files(args.inputs)]
     else:
         data = load_data(config, resolve_data_dir(config, ctx))
+        if not args.boxes and (data.data_dir / "BBox_List_2017.csv").is_file():
+            truth = read_box_list(data.data_dir / "BBox_List_2017.csv")
+            print(f"ground-truth boxes: {data.data_dir / 'BBox_List_2017.csv'}")
         rows = data.splits[args.split or "test"]
         rows = rows[: args.limit] if args.limit else rows
         items = [(data.index.image_names[row], data.index.image_path(row)) for row in rows]

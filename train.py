@@ -87,17 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         cleanup_distributed(ctx)
 
 
-def run(config: Config, resumed: dict | None, ctx) -> int:
-    seed_everything(config.seed, ctx.rank)
+def prepare_run_dir(config: Config, ctx) -> Path:
+    """The run directory (rank 0 picks a timestamped one when --out is empty) with the resolved config.yaml."""
     if ctx.is_main and not config.out:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if ctx.distributed:  # every rank must agree on the directory chosen by rank 0
+        config.out = broadcast_object(config.out, ctx)
     run_dir = Path(config.out)
-    if ctx.distributed:  # every rank must agree on the run directory chosen by rank 0
-        run_dir = Path(broadcast_object(str(run_dir), ctx))
-        config.out = str(run_dir)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return run_dir
+
+
+def run(config: Config, resumed: dict | None, ctx) -> int:
+    seed_everything(config.seed, ctx.rank)
+    run_dir = prepare_run_dir(config, ctx)
     log = RankZero(ctx, run_dir / "tensorboard", config.tensorboard)
     policy = device_policy(config, ctx)
     log.print(f"cxr train: {'resuming ' + config.out if resumed else 'run ' + config.out}; {ctx.world_size} process(es); {policy.describe()}")

@@ -56,6 +56,10 @@ def test_top3_on_dataset_split(tiny_run, tmp_path):
         top = sorted(entry["probabilities"], key=lambda name: -entry["probabilities"][name])[:3]
         assert sorted(entry["explained"]) == sorted(top)
     assert len(list(out.glob("*.png"))) == 9
+    assert f"ground-truth boxes: {tiny_run['data_dir'] / 'BBox_List_2017.csv'}" in result.stdout
+    truth = read_box_list(tiny_run["data_dir"] / "BBox_List_2017.csv")
+    for name, entry in predictions.items():
+        assert [item["finding"] for item in entry["ground_truth"]] == [finding for finding, _ in truth.get(name, [])]
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
