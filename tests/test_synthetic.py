@@ -235,3 +235,21 @@ def test_ensure_demo_dataset_generates_once_into_the_cache(tmp_path: Path, monke
     assert ensure_demo_dataset(patients=3, size=32) == path
     assert capsys.readouterr().err == ""  # cached: nothing generated, nothing printed
     assert sorted(tmp_path.iterdir()) == [path]  # no partial folders left behind
+
+
+def test_same_seed_same_bytes_across_processes(tmp_path):
+    """String hashing differs between processes (PYTHONHASHSEED): nothing may depend on set or hash order."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    digests = []
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / f"hash{hash_seed}"
+        code = f"from cxr.synthetic import generate_synthetic_nih as g; g({str(out)!r}, patients=80, size=32, seed=4)"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+        digests.append({path.relative_to(out).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+                        for path in sorted(out.rglob("*")) if path.is_file()})
+    assert digests[0] == digests[1] == digests[2]
