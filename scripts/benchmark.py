@@ -40,7 +40,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torchvision.models import densenet121  # noqa: E402
 
-from cxr.cache import CacheError, ImageCache, build_cache  # noqa: E402
+from cxr.cache import CacheError, ImageCache  # noqa: E402
+from cxr.cache_build import build_cache  # noqa: E402
 from cxr.config import Config  # noqa: E402
 from cxr.data import (ChestXrayDataset, DataError, NihData, find_table, load_nih, locate_images,  # noqa: E402
                       read_nih_table, table_to_index)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.cache import CacheBuildError, CacheError, build_cache  # noqa: E402
+from cxr.cache import CacheError  # noqa: E402
+from cxr.cache_build import CacheBuildError, build_cache  # noqa: E402
 from cxr.config import PREPROCESS_CHOICES  # noqa: E402
 
 

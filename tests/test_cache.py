@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cxr import cache as cache_module
-from cxr.cache import COMPLETE_MARKER, CacheBuildError, CacheError, CacheMissError, ImageCache, build_cache
+from cxr import cache_build as cache_module
+from cxr.cache import COMPLETE_MARKER, CacheError, CacheMissError, ImageCache
+from cxr.cache_build import CacheBuildError, build_cache
 from cxr.data import ChestXrayDataset, DataError, load_nih
 from cxr.synthetic import generate_synthetic_nih
 from cxr.transforms import build_train_augment, preprocess_image, read_xray
