@@ -156,3 +156,18 @@ def test_bad_flags_and_data_get_clear_errors(tmp_path):
     assert result.returncode == 1 and f"--data-dir {tmp_path / 'nowhere'}: no such folder" in result.stderr
     result = run_cli(["train.py", "--resume", str(tmp_path / "missing-run")])
     assert result.returncode != 0 and "missing-run" in result.stderr
+
+
+def test_short_run_learns_the_synthetic_findings(tmp_path):
+    """The whole loop learns: a minute of CPU training on synthetic data clearly beats chance on validation."""
+    data_dir = tmp_path / "data"
+    generate_synthetic_nih(data_dir, patients=150, size=64, seed=5)
+    out = tmp_path / "run"
+    result = run_cli(["train.py", "--data-dir", str(data_dir), "--out", str(out), "--image-size", "64", "--epochs", "6",
+                      "--warmup-epochs", "1", "--unfreeze", "all", "--batch-size", "16", "--weights", "none",
+                      "--workers", "0", "--val-fraction", "0.25", "--lr-warmup-steps", "10", "--trunk-lr-mult", "1",
+                      "--tensorboard", "false"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = load_checkpoint(out / "best.pt")
+    assert best["best_metric"] >= 0.65, best["history"]  # chance is 0.5; ~0.75 measured here
+    assert sum(np.isfinite(best["val_aurocs"])) == 14  # every finding has both labels in validation
