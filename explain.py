@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: <run dir>/explain)")
     parser.add_argument("--classes", default="top3", help="top3 (any topN), all, or names: Effusion,Mass")
     parser.add_argument("--method", default="gradcam", choices=("gradcam", "gradcam++"))
+    parser.add_argument("--layer", help="Grad-CAM target module, e.g. features.denseblock3 (default: the last feature map)")
     parser.add_argument("--box-threshold", type=float, default=0.5, help="heat >= this fraction of the map's max makes a box")
     parser.add_argument("--boxes", help="BBox_List_2017.csv: draw ground-truth boxes of the images it knows "
                         "(dataset images: the data folder's own box list by default)")
@@ -81,8 +82,10 @@ def choose_classes(spec: str, probabilities: np.ndarray) -> list[int]:
 class Explainer:
     """Grad-CAM of all 14 classes for batches of gray images, with the checkpoint's preprocessing."""
 
-    def __init__(self, model, config, policy, method: str, box_threshold: float):
-        self.cam, self.config, self.policy, self.box_threshold = GradCAM(model, method=method), config, policy, box_threshold
+    def __init__(self, model, config, policy, method: str, box_threshold: float, layer: str | None = None):
+        self.cam = GradCAM(model, target_layer=find_layer(model, layer) if layer else None, method=method)
+        self.config, self.policy, self.box_threshold = config, policy, box_threshold
+        self.layer = layer or "last feature map"
 
     def __call__(self, grays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """maps [B, 14, S, S] in [0, 1] and probabilities [B, 14]."""
@@ -95,6 +98,15 @@ class Explainer:
 
     def boxes(self, heatmap: np.ndarray, scale: tuple[float, float]) -> list[dict]:
         return heatmap_to_boxes(heatmap, self.box_threshold, scale=scale)
+
+
+def find_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The submodule called `name` (dotted, as in model.named_modules()); the error lists the likely choices."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        choices = [n for n in modules if n.count(".") == 1 and n.startswith("features.")]
+        raise ValueError(f"--layer {name!r}: the model has no such module; try one of {', '.join(choices)}")
+    return modules[name]
 
 
 def batches(items: list, size: int):
@@ -158,6 +170,7 @@ def localization_report(explainer: Explainer, data, truth: dict, out: Path, batc
     scores["boxes_by_split"] = membership
     scores["images"] = len(names)
     scores["images_in_box_list"] = len(truth)
+    scores["layer"], scores["output_stride"] = explainer.layer, explainer.config.output_stride
     out.mkdir(parents=True, exist_ok=True)
     (out / "localization.json").write_text(json.dumps(scores, indent=2))
     contact_sheet(cases, out / "contact_sheet.png")
@@ -214,14 +227,18 @@ def run(args: argparse.Namespace) -> int:
     policy = device_policy(config, ctx)
     if policy.channels_last:
         model.to(memory_format=torch.channels_last)
-    explainer = Explainer(model, config, policy, args.method, args.box_threshold)
+    explainer = Explainer(model, config, policy, args.method, args.box_threshold, args.layer)
     truth = read_box_list(args.boxes) if args.boxes else {}
     if args.data_dir:
         config.data_dir = args.data_dir
     if args.localization_report:
-        if not args.boxes:
-            raise ValueError("--localization-report needs --boxes BBox_List_2017.csv")
         data = load_data(config, resolve_data_dir(config, ctx))
+        if not args.boxes:
+            own = data.data_dir / "BBox_List_2017.csv"
+            if not own.is_file():
+                raise ValueError(f"--localization-report needs --boxes BBox_List_2017.csv ({data.data_dir} has none)")
+            truth = read_box_list(own)
+            print(f"ground-truth boxes: {own}")
         localization_report(explainer, data, truth, Path(args.localization_report), args.batch_size)
         print(f"wrote localization.json and contact_sheet.png to {args.localization_report}")
         return 0

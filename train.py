@@ -118,7 +118,7 @@ def run(config: Config, resumed: dict | None, ctx) -> int:
     val_loader = make_loader(val_set, config, ctx, train=False, batch_size=config.batch_size * 2)
 
     weights = config.weights if config.weights != "auto" else ("none" if config.is_demo else "imagenet")
-    model = build_model("none" if resumed else weights, config.hidden_sizes, config.dropout)
+    model = build_model("none" if resumed else weights, config.hidden_sizes, config.dropout, config.output_stride)
     if config.sync_bn and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(ctx.device, memory_format=torch.channels_last if policy.channels_last else torch.contiguous_format)

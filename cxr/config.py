@@ -49,6 +49,7 @@ class Config:
     weights: str = _opt("auto", "trunk initialisation: imagenet, none, a .pth/.pt file, or auto (imagenet; none for the demo)")
     hidden: str = _opt("512", "hidden sizes of the dense head, comma separated (empty: one linear layer)")
     dropout: float = _opt(0.5, "dropout in the dense head")
+    output_stride: int = _opt(32, "trunk output stride: 32 (standard), or 16/8 (last blocks dilated: finer Grad-CAM maps, slower)", (32, 16, 8))
     # optimisation
     epochs: int = _opt(30, "total epochs (warm-up included)")
     warmup_epochs: int = _opt(3, "phase 1: epochs with the trunk frozen, only the head trains")
@@ -220,6 +221,8 @@ def validate(config: Config) -> None:
         problems.append(f"--hidden must be comma-separated integers, got {config.hidden!r}")
     if config.workers < 0:
         problems.append("--workers must be >= 0")
+    if config.output_stride not in (32, 16, 8):
+        problems.append(f"--output-stride must be 32, 16 or 8, got {config.output_stride!r}")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 

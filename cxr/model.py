@@ -3,8 +3,15 @@
     model = build_model(weights="imagenet")       # or "none", or a path to a state dict / checkpoint
     features = model.forward_features(images)     # [B, 1024, H/32, W/32], after the final ReLU
     logits = model.forward_head(features)         # [B, 14]; no sigmoid: the loss takes logits
+    small = build_model("none", output_stride=8)  # [B, 1024, H/8, W/8]: finer Grad-CAM maps for small inputs
 
 The trunk is split into stages so that fine-tuning can unfreeze the last N dense blocks.
+
+`output_stride` 16 or 8 runs the last one or two dense blocks "a trous" (Holschneider et al. 1989; the
+dilated-backbone trick of DeepLab): their transitions stop subsampling, and the 3x3 convolutions after them
+dilate by the factor lost, so the weights (ImageNet's included) keep their meaning and the stride-32 network's
+feature map is exactly every 4th (8th) position of the finer one. The last map, and with it Grad-CAM, gets
+2x (4x) finer in each direction, for about 1.1x (2.4x) the training time at 64 px.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ STAGES: dict[str, tuple[str, ...]] = {
 }
 DENSE_BLOCKS = ("block1", "block2", "block3", "block4")
 FEATURE_CHANNELS = 1024
+# Transitions that stop subsampling for each output stride; the dense blocks after them dilate.
+OUTPUT_STRIDES: dict[int, tuple[str, ...]] = {32: (), 16: ("transition3",), 8: ("transition2", "transition3")}
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -38,9 +47,12 @@ class WeightsUnavailableError(RuntimeError):
 class CXRNet(nn.Module):
     """DenseNet121 features + multi-label head; frozen stages keep their BatchNorm in eval mode."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, hidden: tuple[int, ...] = (512,), dropout: float = 0.5):
+    def __init__(self, num_classes: int = NUM_CLASSES, hidden: tuple[int, ...] = (512,), dropout: float = 0.5,
+                 output_stride: int = 32):
         super().__init__()
         self.features = densenet121(weights=None).features
+        self.output_stride = output_stride
+        set_output_stride(self.features, output_stride)
         layers: list[nn.Module] = [nn.BatchNorm1d(FEATURE_CHANNELS)]
         width = FEATURE_CHANNELS
         for size in hidden:
@@ -86,6 +98,37 @@ class CXRNet(nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
+
+
+class _DilatedAvgPool(nn.Module):
+    """The transitions' 2x2 average pool without subsampling: mean of x[p], x[p + d] per axis, same size out."""
+
+    def __init__(self, dilation: int):
+        super().__init__()
+        self.dilation = dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dilation
+        height, width = x.shape[-2:]
+        padded = F.pad(x, (0, d, 0, d), mode="replicate")  # only the last d rows/columns read the padding
+        rows = padded[..., :height, :] + padded[..., d:, :]
+        return (rows[..., :width] + rows[..., d:]) * 0.25
+
+
+def set_output_stride(features: nn.Module, output_stride: int) -> None:
+    """Make torchvision DenseNet121 `features` (fresh, stride 32) produce a map of stride 32, 16 or 8."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"--output-stride must be one of {sorted(OUTPUT_STRIDES)}, got {output_stride!r}")
+    dilation = 1
+    for name in ("transition2", "denseblock3", "transition3", "denseblock4"):
+        module = getattr(features, name)
+        if name in OUTPUT_STRIDES[output_stride]:
+            module.pool = _DilatedAvgPool(dilation)  # pools at the dilation of the block before it
+            dilation *= 2
+        elif name.startswith("denseblock") and dilation > 1:
+            for conv in module.modules():
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                    conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
 
 
 def stages_to_unfreeze(unfreeze: str | int) -> set[str]:
@@ -151,9 +194,10 @@ def load_weights_file(model: CXRNet, path: str | Path) -> str:
     return "torchvision"
 
 
-def build_model(weights: str = "none", hidden: tuple[int, ...] = (512,), dropout: float = 0.5) -> CXRNet:
+def build_model(weights: str = "none", hidden: tuple[int, ...] = (512,), dropout: float = 0.5,
+                output_stride: int = 32) -> CXRNet:
     """The network with its trunk initialised from `weights`: 'imagenet', 'none' or a file path."""
-    model = CXRNet(hidden=hidden, dropout=dropout)
+    model = CXRNet(hidden=hidden, dropout=dropout, output_stride=output_stride)
     if weights == "imagenet":
         load_imagenet_trunk(model)
     elif weights != "none":

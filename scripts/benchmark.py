@@ -366,7 +366,7 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
 
     note(started, "training step vs bare")
     memory_format = torch.channels_last if bench.policy.channels_last else torch.contiguous_format
-    model = build_model("none", bench.config.hidden_sizes, bench.config.dropout).to(device, memory_format=memory_format)
+    model = build_model("none", bench.config.hidden_sizes, bench.config.dropout, bench.config.output_stride).to(device, memory_format=memory_format)
     model.set_trainable_stages(stages_to_unfreeze("all"))  # phase 2 with every stage: the same work as the bare step
     optimizer = build_optimizer(model, bench.config)
     scheduler = build_scheduler(optimizer, bench.config, steps_per_epoch=10 * (args.warmup + steps))

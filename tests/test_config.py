@@ -50,6 +50,10 @@ def test_bad_bool_and_bad_choice_are_argparse_errors(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         parse_config(["--views", "LL"])
     assert "argument --views: invalid choice: 'LL'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--output-stride", "4"])
+    assert "argument --output-stride: invalid choice: 4 (choose from 32, 16, 8)" in capsys.readouterr().err
+    assert parse_config(["--data-dir", "d", "--output-stride", "8"]).output_stride == 8
 
 
 def test_demo_preset_applies_only_without_data_dir() -> None:

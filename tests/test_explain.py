@@ -98,10 +98,13 @@ def test_localization_report(tiny_run, tmp_path):
     boxes = tiny_run["data_dir"] / "BBox_List_2017.csv"
     truth = read_box_list(boxes)
     out = tmp_path / "loc"
-    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), "--boxes", str(boxes),
+    # No --boxes: the data folder's own box list; a Grad-CAM layer other than the last.
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), "--layer", "features.denseblock3",
                       "--localization-report", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"ground-truth boxes: {boxes}" in result.stdout
     report = json.loads((out / "localization.json").read_text())
+    assert report["layer"] == "features.denseblock3" and report["output_stride"] == 32
     total_boxes = sum(len(items) for items in truth.values())
     assert report["overall"]["boxes"] == total_boxes == sum(report["boxes_by_split"].values())
     assert set(report["overall"]["iobb"]) == {"0.1", "0.25", "0.5", "0.75", "0.9"}
@@ -122,3 +125,6 @@ def test_bad_inputs_are_named(tiny_run, tmp_path):
     result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(image), "--classes", "Tumour",
                       "--out", str(tmp_path / "out")])
     assert result.returncode == 1 and "--classes 'Tumour': unknown finding(s) ['Tumour']" in result.stderr
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(image), "--layer", "features.block9"])
+    assert result.returncode == 1
+    assert "--layer 'features.block9': the model has no such module; try one of features.conv0" in result.stderr

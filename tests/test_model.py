@@ -25,6 +25,27 @@ def test_forward_returns_logits_and_exposes_features():
     assert head_layers == ["BatchNorm1d", "Linear", "ReLU", "Dropout", "Linear"]
 
 
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_dilated_trunk_is_the_standard_one_sampled_finer(output_stride):
+    torch.manual_seed(0)
+    standard = build_model("none").eval()
+    dilated = build_model("none", output_stride=output_stride).eval()
+    dilated.load_state_dict(standard.state_dict())  # same parameters: dilation changes no weight
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        coarse, fine = standard.forward_features(images), dilated.forward_features(images)
+    step = 32 // output_stride
+    assert coarse.shape == (2, 1024, 3, 3) and fine.shape == (2, 1024, 3 * step, 3 * step)
+    # "A trous": every step-th position of the finer map is the stride-32 network's map, borders included.
+    torch.testing.assert_close(fine[..., ::step, ::step], coarse, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(fine[..., 1::step, 1::step], coarse, atol=1e-2)  # the new positions are new
+
+
+def test_output_stride_must_be_supported():
+    with pytest.raises(ValueError, match=r"--output-stride must be one of \[8, 16, 32\], got 4"):
+        build_model("none", output_stride=4)
+
+
 def test_unfreeze_choices():
     assert stages_to_unfreeze("0") == set()
     assert stages_to_unfreeze(1) == {"block4"}
