@@ -131,8 +131,15 @@ def build_train_augment(strength: float = 1.0, hflip: bool = False) -> A.Compose
 
 def normalize_batch(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 [B,1,H,W] (any device) -> float [B,3,H,W] with ImageNet mean/std, for ImageNet-style trunks."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    batch = (images.float() / 255.0).expand(-1, 3, -1, -1)
-    batch = (batch - mean) / std
+    scale, shift = _normalization_constants(images.device)
+    # (x / 255 - mean) / std as one multiply-add per channel; broadcasting the gray channel makes the 3 copies.
+    batch = torch.addcmul(shift, images.float(), scale)
     return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@lru_cache(maxsize=8)
+def _normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and shift on `device`, built once: no host-to-device copy per batch."""
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    scale, shift = 1.0 / (255.0 * std), -mean / std
+    return scale.view(1, 3, 1, 1).to(device), shift.view(1, 3, 1, 1).to(device)
