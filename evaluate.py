@@ -29,8 +29,8 @@ from cxr.engine import predict
 from cxr.factory import device_policy, load_data, load_trained_model, make_dataset, make_loader, open_cache, resolve_data_dir
 from cxr.labels import FINDINGS
 from cxr.metrics import select_thresholds
-from cxr.report import format_table, summarize
 from cxr.plots import plot_reliability, plot_roc_curves
+from cxr.report import format_table, summarize
 
 TENCROP_RESIZE = 256 / 224  # CheXNet: resize to 256, ten 224 crops
 

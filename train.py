@@ -21,14 +21,29 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from cxr.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, model_state_for_saving, resolve_checkpoint_path,
-                            save_checkpoint, unwrap_model)
+from cxr.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    model_state_for_saving,
+    resolve_checkpoint_path,
+    save_checkpoint,
+)
 from cxr.config import Config, build_parser, config_from_args
 from cxr.data import DataError
 from cxr.distributed import RankZero, broadcast_object, cleanup_distributed, seed_everything, setup_distributed
 from cxr.engine import NonFiniteLossError, predict, train_one_epoch
-from cxr.factory import (build_optimizer, build_scheduler, device_policy, load_data, make_dataset, make_loader,
-                         open_cache, resolve_data_dir, start_epoch)
+from cxr.factory import (
+    build_optimizer,
+    build_scheduler,
+    device_policy,
+    load_data,
+    make_dataset,
+    make_loader,
+    open_cache,
+    resolve_data_dir,
+    start_epoch,
+)
 from cxr.labels import FINDINGS
 from cxr.losses import LabelSmoothedBCE, pos_weight_from_labels
 from cxr.metrics import auroc_per_class, mean_auroc

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr.config import PREPROCESS_CHOICES
+from cxr.errors import CxrError
 
 CACHE_VERSION = 1
 IMAGES_FILE, INDEX_FILE, PARAMS_FILE, DONE_FILE, COMPLETE_MARKER = "images.u8", "index.npy", "params.json", "done.npy", "COMPLETE"
@@ -36,11 +37,11 @@ CACHE_FILES = (IMAGES_FILE, INDEX_FILE, PARAMS_FILE, DONE_FILE, COMPLETE_MARKER)
 PARAMETER_NAMES = ("size", "preprocess", "clahe_clip", "clahe_grid")
 
 
-class CacheError(RuntimeError):
+class CacheError(CxrError, RuntimeError):
     """A cache folder that cannot serve the request; the message names the folder and says what to do."""
 
 
-class CacheMissError(KeyError):
+class CacheMissError(CxrError, KeyError):
     """An image name that the cache does not hold."""
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
@@ -101,7 +102,7 @@ class ImageCache:
         self._pid = -1
 
     @classmethod
-    def open(cls, cache_dir: str | Path, expected: dict | None = None) -> "ImageCache":
+    def open(cls, cache_dir: str | Path, expected: dict | None = None) -> ImageCache:
         """Open a complete cache, checking its preprocessing against `expected` (keys of PARAMETER_NAMES)."""
         cache_dir = Path(cache_dir)
         if not cache_dir.is_dir():

@@ -27,8 +27,19 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from cxr.cache import (CACHE_FILES, CACHE_VERSION, COMPLETE_MARKER, DONE_FILE, IMAGES_FILE, INDEX_FILE, PARAMS_FILE,
-                       CacheError, normalize_parameters, parameter_differences, read_params)
+from cxr.cache import (
+    CACHE_FILES,
+    CACHE_VERSION,
+    COMPLETE_MARKER,
+    DONE_FILE,
+    IMAGES_FILE,
+    INDEX_FILE,
+    PARAMS_FILE,
+    CacheError,
+    normalize_parameters,
+    parameter_differences,
+    read_params,
+)
 from cxr.data import NihIndex, find_table, keep_images_on_disk, locate_images, read_nih_table, table_to_index
 from cxr.transforms import ImageReadError, preprocess_image, read_xray
 

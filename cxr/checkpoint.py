@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr.errors import CxrError
+
 REQUIRED_KEYS = ("model", "config")
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CxrError, RuntimeError):
     """A checkpoint file exists but cannot or must not be loaded."""
 
 

@@ -15,15 +15,16 @@ import gzip
 import io
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from cxr.errors import CxrError
 from cxr.labels import ALIASES, FINDINGS, NO_FINDING
 from cxr.transforms import preprocess_image, read_xray
 
@@ -32,7 +33,7 @@ REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID"
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(CxrError, ValueError):
     """Bad input data: the message names the file, row or flag and says what to do."""
 
 
@@ -53,7 +54,7 @@ class NihIndex:
     def __len__(self) -> int:
         return len(self.image_names)
 
-    def subset(self, rows: np.ndarray) -> "NihIndex":
+    def subset(self, rows: np.ndarray) -> NihIndex:
         """A new index with only `rows` (boolean mask or integer positions)."""
         return NihIndex(
             self.image_names[rows], self.patient_ids[rows], self.follow_ups[rows], self.ages[rows],

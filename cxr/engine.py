@@ -7,19 +7,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from cxr.distributed import DistContext, RankZero, any_rank, gather_predictions
+from cxr.errors import CxrError
 from cxr.transforms import normalize_batch
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CxrError, RuntimeError):
     """The loss became NaN/inf on some rank; every rank raises it together."""
 
 

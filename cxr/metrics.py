@@ -16,10 +16,11 @@ Example::
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from sklearn.metrics import average_precision_score
+
 
 def check_inputs(y_true: Any, y_score: Any, score_name: str = "y_score") -> tuple[np.ndarray, np.ndarray]:
     """Return float64 [N, C] copies of labels and scores after checking shapes and values."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet121_Weights, densenet121
 
+from cxr.errors import CxrError
 from cxr.labels import NUM_CLASSES
 
 # Trunk stages from the input side; unfreezing N blocks unfreezes the last N of the first four.
@@ -40,7 +41,7 @@ FEATURE_CHANNELS = 1024
 OUTPUT_STRIDES: dict[int, tuple[str, ...]] = {32: (), 16: ("transition3",), 8: ("transition2", "transition3")}
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(CxrError, RuntimeError):
     """The ImageNet weights could not be downloaded; the message says how to pass a local file."""
 
 
@@ -85,7 +86,7 @@ class CXRNet(nn.Module):
                 module.requires_grad_(stage in trainable)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "CXRNet":
+    def train(self, mode: bool = True) -> CXRNet:
         super().train(mode)
         for stage in self.frozen_stages:  # frozen BatchNorm keeps its running statistics
             for module in self.stage_modules(stage):

@@ -12,8 +12,9 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -24,10 +25,10 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from cxr.metrics import (  # noqa: E402
-    check_inputs,
-    known_subset,
     auroc_per_class,
+    check_inputs,
     expected_calibration_error,
+    known_subset,
     reliability_curve,
 )
 

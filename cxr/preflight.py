@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr.data import DataError, NihIndex, build_splits, find_table, locate_images, read_nih_table, table_to_index
+from cxr.data import NihIndex, build_splits, find_table, locate_images, read_nih_table, table_to_index
 from cxr.labels import FINDINGS, NO_FINDING
 from cxr.transforms import ImageReadError, read_xray
 
@@ -100,7 +100,7 @@ def format_report(report: dict[str, Any]) -> str:
              f"  images on disk   {report['images_found']:,} found, {report['images_missing']:,} missing"
              + (f" (e.g. {', '.join(report['missing_examples'])})" if report["images_missing"] else ""),
              f"  image folders    {', '.join(report['image_folders']) or 'none found'}",
-             f"  modes            " + ", ".join(f"{mode}: {count:,}" for mode, count in sorted(report["modes"].items())),
+             "  modes            " + ", ".join(f"{mode}: {count:,}" for mode, count in sorted(report["modes"].items())),
              f"  unreadable       {len(report['unreadable'])}" + (" (full decode)" if report["decoded"] else " (header/trailer check; --decode for a full decode)")]
     lines += [f"    {message}" for message in report["unreadable_reasons"][:50]]
     lines.append("  views            " + ", ".join(f"{view}: {count:,}" for view, count in report["view_positions"].items()))

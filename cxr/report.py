@@ -8,12 +8,22 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from cxr.metrics import (auprc_per_class, auroc_per_class, bootstrap_auroc_ci, check_inputs, expected_calibration_error,
-                         mean_auroc, mean_over_classes, operating_point_metrics, safe_ratio)
+from cxr.metrics import (
+    auprc_per_class,
+    auroc_per_class,
+    bootstrap_auroc_ci,
+    check_inputs,
+    expected_calibration_error,
+    mean_auroc,
+    mean_over_classes,
+    operating_point_metrics,
+    safe_ratio,
+)
 
 # Rajpurkar et al. 2017 (CheXNet), Table 1; measured on a random patient split of ChestX-ray14.
 CHEXNET_AUROC: dict[str, float] = {

@@ -28,16 +28,17 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
 
 from cxr.labels import FINDINGS, NO_FINDING
+
 # Drawing lives in synthetic_anatomy; its names stay importable from here for existing callers.
 from cxr.synthetic_anatomy import LESIONS, Anatomy, anatomy, smooth_noise  # noqa: F401
 

@@ -18,15 +18,14 @@ exposure and noise, writes the PNGs and boxes the changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import cv2
 import numpy as np
 
 from cxr.labels import FINDINGS
-
 
 # Template geometry in [0, 1] image coordinates (x right, y down); lung 0 is on the image left.
 LUNG_CX, LUNG_CY, LUNG_RX, LUNG_RY = (0.285, 0.715), 0.45, 0.175, 0.34

@@ -18,12 +18,14 @@ import cv2
 import numpy as np
 import torch
 
+from cxr.errors import CxrError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(CxrError, ValueError):
     """An image file that is missing, truncated or undecodable; the message names the path."""
 
 

@@ -28,9 +28,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,12 +44,10 @@ from torchvision.models import densenet121  # noqa: E402
 from cxr.cache import CacheError, ImageCache  # noqa: E402
 from cxr.cache_build import build_cache  # noqa: E402
 from cxr.config import Config  # noqa: E402
-from cxr.data import (ChestXrayDataset, DataError, NihData, find_table, load_nih, locate_images,  # noqa: E402
-                      read_nih_table, table_to_index)
+from cxr.data import ChestXrayDataset, DataError, NihData, find_table, load_nih, locate_images, read_nih_table, table_to_index  # noqa: E402
 from cxr.distributed import DistContext, RankZero  # noqa: E402
 from cxr.engine import DevicePolicy, predict, train_one_epoch  # noqa: E402
-from cxr.factory import (build_optimizer, build_scheduler, cache_parameters, device_policy, make_dataset,  # noqa: E402
-                         make_loader, start_epoch)
+from cxr.factory import build_optimizer, build_scheduler, cache_parameters, device_policy, make_dataset, make_loader, start_epoch  # noqa: E402
 from cxr.gradcam import GradCAM  # noqa: E402
 from cxr.labels import NUM_CLASSES  # noqa: E402
 from cxr.losses import LabelSmoothedBCE  # noqa: E402

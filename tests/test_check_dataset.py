@@ -10,9 +10,9 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -42,7 +42,7 @@ class CliRun:
     stdout: str = ""
     stderr: str = ""
 
-    def finish(self) -> "CliRun":
+    def finish(self) -> CliRun:
         if self.returncode is None:
             self.stdout, self.stderr = self.process.communicate(timeout=120)
             self.returncode = self.process.returncode

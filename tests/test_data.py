@@ -13,8 +13,19 @@ import pandas as pd
 import pytest
 import torch
 
-from cxr.data import (ChestXrayDataset, DataError, NihData, NihIndex, build_splits, find_table, load_nih,
-                      locate_images, patient_split, read_nih_table, table_to_index)
+from cxr.data import (
+    ChestXrayDataset,
+    DataError,
+    NihData,
+    NihIndex,
+    build_splits,
+    find_table,
+    load_nih,
+    locate_images,
+    patient_split,
+    read_nih_table,
+    table_to_index,
+)
 from cxr.labels import FINDINGS
 from cxr.transforms import build_train_augment
 

@@ -11,7 +11,6 @@ import numpy as np
 
 from cxr.data import load_nih
 from cxr.labels import FINDINGS
-
 from tests.test_train import run_cli
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from cxr.data import read_box_list
 from cxr.labels import FINDINGS
-
 from tests.test_train import run_cli
 
 GREEN = np.array([0, 255, 0])  # ground-truth box colour in the overlays (RGB)
@@ -64,7 +63,7 @@ def test_top3_on_dataset_split(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_dicom_input(tiny_run, tmp_path, photometric):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -15,8 +15,7 @@ import pandas as pd
 import pytest
 
 from cxr.labels import FINDINGS, NO_FINDING, canonical_finding
-from cxr.synthetic import (GENERATOR_VERSION, ensure_demo_dataset, generate_synthetic_nih, plan_dataset,
-                           render_image)
+from cxr.synthetic import GENERATOR_VERSION, ensure_demo_dataset, generate_synthetic_nih, plan_dataset, render_image
 
 REPO = Path(__file__).resolve().parents[1]
 # Columns of the real Data_Entry_2017_v2020.csv as pandas reads them (the brackets hold commas).

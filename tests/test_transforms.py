@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageReadError, build_train_augment, normalize_batch,
-                            preprocess_image, read_xray, resize_square, to_uint8_gray)
+from cxr.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageReadError,
+    build_train_augment,
+    normalize_batch,
+    preprocess_image,
+    read_xray,
+    resize_square,
+    to_uint8_gray,
+)
 
 RGBA_IMAGE = "00000100_000.png"
 PLAIN_IMAGE = "00001933_000.png"
