@@ -21,16 +21,18 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from cxr.checkpoint import CheckpointError, find_latest_best
-from cxr.config import Config
-from cxr.data import DataError
+from cxr.checkpoint import find_latest_best
+from cxr.device import device_policy
 from cxr.distributed import RankZero, cleanup_distributed, setup_distributed
 from cxr.engine import predict
-from cxr.factory import device_policy, load_data, load_trained_model, make_dataset, make_loader, open_cache, resolve_data_dir
+from cxr.errors import ConfigError, run_main
+from cxr.factory import load_data, load_trained_model, make_dataset, make_loader, open_cache, resolve_data_dir
 from cxr.labels import FINDINGS
 from cxr.metrics import select_thresholds
 from cxr.plots import plot_reliability, plot_roc_curves
 from cxr.report import format_table, summarize
+from cxr.rundir import writable_folder
+from cxr.transforms import Preprocessing
 
 TENCROP_RESIZE = 256 / 224  # CheXNet: resize to 256, ten 224 crops
 
@@ -63,14 +65,15 @@ def tta_views(mode: str, image_size: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main(lambda: evaluate(build_parser().parse_args(argv)))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.bootstrap < 0 or (args.workers is not None and args.workers < 0):
+        raise ConfigError("--batch-size must be >= 1, --bootstrap >= 0 and --workers >= 0")
     ctx = setup_distributed(args.device)
     try:
         return run(args, ctx)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as error:
-        if ctx.is_main:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
     finally:
         cleanup_distributed(ctx)
 
@@ -85,22 +88,23 @@ def run(args: argparse.Namespace, ctx) -> int:
     config.skip_missing = config.skip_missing or args.skip_missing
     if args.workers is not None:
         config.workers = args.workers
-    policy = device_policy(config, ctx)
-    if policy.channels_last:
-        model.to(memory_format=torch.channels_last)
+    out = Path(args.out) if args.out else checkpoint_path.parent / f"eval-{args.split}"
+    if ctx.is_main:
+        writable_folder(out)  # find out now, not after predicting the whole split
+    policy = device_policy(config, ctx.device)
+    policy.prepare_model(model)
     data = load_data(config, resolve_data_dir(config, ctx))
     log.print(data.summary())
 
-    load_size = config.image_size
-    if args.tta == "tencrop":
-        load_size = round(config.image_size * TENCROP_RESIZE)
-    view_config = Config.from_dict({**config.to_dict(), "image_size": load_size})
-    cache = open_cache(view_config) if args.tta != "tencrop" else None
+    preprocessing = Preprocessing.from_checkpoint(checkpoint)
+    if args.tta == "tencrop":  # CheXNet: resize to 256, ten 224 crops
+        preprocessing = preprocessing.with_size(round(preprocessing.size * TENCROP_RESIZE))
+    cache = open_cache(config, preprocessing) if args.tta != "tencrop" else None
     views = tta_views(args.tta, config.image_size)
 
     def predict_split(split: str) -> dict:
-        loader = make_loader(make_dataset(view_config, data, split, train=False, cache=cache), config, ctx, train=False,
-                             batch_size=args.batch_size)
+        loader = make_loader(make_dataset(config, data, split, preprocessing, train=False, cache=cache), config, ctx,
+                             train=False, batch_size=args.batch_size)
         return predict(model, loader, ctx, policy, desc=f"predict {split}", log=log, views=views)
 
     validation = predict_split("val")
@@ -118,8 +122,6 @@ def run(args: argparse.Namespace, ctx) -> int:
     summary.update(split=args.split, checkpoint=str(checkpoint_path), data_dir=str(data.data_dir), tta=args.tta,
                    threshold_method=args.threshold_method, thresholds_from="val",
                    note="thresholds chosen on the same split" if args.split == "val" else "thresholds chosen on the validation split")
-    out = Path(args.out) if args.out else checkpoint_path.parent / f"eval-{args.split}"
-    out.mkdir(parents=True, exist_ok=True)
     write_outputs(out, summary, result, data.index.image_names[rows], patient_ids, thresholds, args.threshold_method)
     print(format_table(summary, FINDINGS))
     print(f"This evaluation: the {args.split} split of {data.data_dir} ({len(rows)} images, "

@@ -4,7 +4,7 @@
     python train.py --data-dir /data/nih                       # one GPU (or CPU)
     torchrun --nproc_per_node=8 train.py --data-dir /data/nih  # DDP on 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py --data-dir /data/nih
-    python train.py --resume runs/20261201-120000              # continue exactly where it stopped
+    python train.py --resume runs/20261201-120000              # continue exactly where it stopped, in that folder
 
 Phase 1 (--warmup-epochs): trunk frozen, head trains. Phase 2: the last --unfreeze dense blocks train too,
 at --lr * --trunk-lr-mult. Checkpoints (last.pt, best.pt), config.yaml and TensorBoard logs go to --out.
@@ -12,123 +12,85 @@ at --lr * --trunk-lr-mult. Checkpoints (last.pt, best.pt), config.yaml and Tenso
 
 from __future__ import annotations
 
+import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 
-from cxr.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    load_checkpoint,
-    model_state_for_saving,
-    resolve_checkpoint_path,
-    save_checkpoint,
-)
-from cxr.config import Config, build_parser, config_from_args
-from cxr.data import DataError
-from cxr.distributed import RankZero, broadcast_object, cleanup_distributed, seed_everything, setup_distributed
-from cxr.engine import NonFiniteLossError, predict, train_one_epoch
+from cxr.checkpoint import build_checkpoint, load_checkpoint, resolve_checkpoint_path, restore_checkpoint, save_epoch_checkpoints
+from cxr.config import Config, build_parser, config_for_resume, config_from_args
+from cxr.device import device_policy
+from cxr.distributed import RankZero, cleanup_distributed, setup_distributed
+from cxr.engine import predict, train_one_epoch
+from cxr.errors import run_main
 from cxr.factory import (
     build_optimizer,
     build_scheduler,
-    device_policy,
+    configure_phase,
     load_data,
     make_dataset,
     make_loader,
     open_cache,
+    phase_of,
     resolve_data_dir,
     start_epoch,
+    wrap_for_training,
 )
 from cxr.labels import FINDINGS
 from cxr.losses import LabelSmoothedBCE, pos_weight_from_labels
 from cxr.metrics import auroc_per_class, mean_auroc
-from cxr.model import CXRNet, WeightsUnavailableError, build_model, stages_to_unfreeze
+from cxr.model import build_model
+from cxr.rundir import open_run_dir
+from cxr.seeding import seed_everything
+from cxr.transforms import Preprocessing
 
-
-def resolve_config(argv: list[str] | None) -> tuple[Config, dict | None]:
-    """Flags -> Config; with --resume, the run's own config with only the explicitly given flags changed."""
-    args = build_parser(__doc__).parse_args(argv)
-    if not args.resume:
-        return config_from_args(args), None
-    checkpoint = load_checkpoint(resolve_checkpoint_path(args.resume))
-    values = Config.from_dict(checkpoint["config"]).to_dict()
-    values.update({name: value for name, value in vars(args).items() if name in values and value is not None})
-    config = Config(**values)
-    if not config.out:
-        config.out = str(Path(resolve_checkpoint_path(args.resume)).parent)
-    return config, checkpoint
-
-
-def phase_of(epoch: int, config: Config) -> int:
-    return 1 if epoch < config.warmup_epochs else 2
-
-
-def configure_phase(model: CXRNet, phase: int, config: Config) -> set[str]:
-    """Freeze the trunk (phase 1) or unfreeze the requested blocks (phase 2); returns the trainable stages."""
-    trainable = set() if phase == 1 else stages_to_unfreeze(config.unfreeze)
-    model.set_trainable_stages(trainable)
-    return trainable
-
-
-def wrap_for_training(model: CXRNet, config: Config, ctx) -> torch.nn.Module:
-    """DDP must be rebuilt whenever the set of trainable parameters changes (it registers them at construction)."""
-    wrapped: torch.nn.Module = model
-    if config.compile:
-        wrapped = torch.compile(wrapped)
-    if ctx.distributed:
-        wrapped = DistributedDataParallel(wrapped, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    return wrapped
+DIVERGED_LOSS = 10 * math.log(2)  # ten times the loss of a constant 0.5 prediction: the run has blown up
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config, resumed = resolve_config(argv)
-    except (CheckpointError, FileNotFoundError) as error:
-        print(f"error: --resume: {error}", file=sys.stderr)
-        return 1
+    return run_main(lambda: train(argv))
+
+
+def train(argv: list[str] | None) -> int:
+    args = build_parser(__doc__).parse_args(argv)
+    resumed = None
+    if args.resume:
+        checkpoint_path = resolve_checkpoint_path(args.resume)
+        resumed = load_checkpoint(checkpoint_path)
+        config = config_for_resume(args, resumed["config"], run_dir=str(checkpoint_path.parent))
+    else:
+        config = config_from_args(args)
     ctx = setup_distributed(config.device)
     try:
         return run(config, resumed, ctx)
-    except (DataError, NonFiniteLossError, CheckpointError, WeightsUnavailableError, FileNotFoundError, ValueError) as error:
-        if ctx.is_main:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
     finally:
         cleanup_distributed(ctx)
 
 
-def prepare_run_dir(config: Config, ctx) -> Path:
-    """The run directory (rank 0 picks a timestamped one when --out is empty) with the resolved config.yaml."""
-    if ctx.is_main and not config.out:
-        config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if ctx.distributed:  # every rank must agree on the directory chosen by rank 0
-        config.out = broadcast_object(config.out, ctx)
-    run_dir = Path(config.out)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return run_dir
-
-
 def run(config: Config, resumed: dict | None, ctx) -> int:
     seed_everything(config.seed, ctx.rank)
-    run_dir = prepare_run_dir(config, ctx)
+    run_dir = open_run_dir(config, ctx, resuming=resumed is not None)
+    try:
+        return fit(config, resumed, ctx, run_dir.path)
+    finally:
+        run_dir.close()
+
+
+def fit(config: Config, resumed: dict | None, ctx, run_dir: Path) -> int:
     log = RankZero(ctx, run_dir / "tensorboard", config.tensorboard)
-    policy = device_policy(config, ctx)
-    log.print(f"cxr train: {'resuming ' + config.out if resumed else 'run ' + config.out}; {ctx.world_size} process(es); {policy.describe()}")
+    policy = device_policy(config, ctx.device)
+    log.print(f"cxr train: {'resuming ' if resumed else 'run '}{run_dir}; {ctx.world_size} process(es); {policy.describe()}")
     log.print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
 
-    data_dir = resolve_data_dir(config, ctx)
-    data = load_data(config, data_dir)
+    data = load_data(config, resolve_data_dir(config, ctx))
     log.print(data.summary())
-    cache = open_cache(config)
-    train_set = make_dataset(config, data, "train", train=True, cache=cache)
-    val_set = make_dataset(config, data, "val", train=False, cache=cache)
+    preprocessing = Preprocessing.from_config(config)
+    cache = open_cache(config, preprocessing)
+    train_set = make_dataset(config, data, "train", preprocessing, train=True, cache=cache)
+    val_set = make_dataset(config, data, "val", preprocessing, train=False, cache=cache)
     train_loader = make_loader(train_set, config, ctx, train=True)
     val_loader = make_loader(val_set, config, ctx, train=False, batch_size=config.batch_size * 2)
 
@@ -136,23 +98,18 @@ def run(config: Config, resumed: dict | None, ctx) -> int:
     model = build_model("none" if resumed else weights, config.hidden_sizes, config.dropout, config.output_stride)
     if config.sync_bn and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(ctx.device, memory_format=torch.channels_last if policy.channels_last else torch.contiguous_format)
+    policy.prepare_model(model)
     optimizer = build_optimizer(model, config)
     steps_per_epoch = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=policy.uses_grad_scaler)
-    train_labels = data.index.labels[data.splits["train"]]
-    pos_weight = pos_weight_from_labels(train_labels).to(ctx.device) if config.pos_weight else None
+    pos_weight = pos_weight_from_labels(data.index.labels[data.splits["train"]]).to(ctx.device) if config.pos_weight else None
     loss_fn = LabelSmoothedBCE(config.label_smoothing, pos_weight)
 
     state = {"epoch": 0, "global_step": 0, "best_metric": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "history": []}
     if resumed:
-        model.load_state_dict(resumed["model"])
         configure_phase(model, resumed["phase"], config)  # optimizer state matches this phase's parameters
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        state.update({key: resumed[key] for key in state})
+        state = restore_checkpoint(resumed, model, optimizer, scheduler, scaler)
         log.print(f"resumed from epoch {state['epoch']} (best val mean AUROC {state['best_metric']:.4f})")
     else:
         log.print(f"weights: {weights}")
@@ -194,18 +151,17 @@ def run(config: Config, resumed: dict | None, ctx) -> int:
         log.print(f"epoch {epoch + 1}/{config.epochs} phase {phase}: train loss {stats['loss']:.4f} "
                   f"({stats['images_per_s']:.1f} img/s), val loss {val['loss']:.4f}, val mean AUROC {val_auroc:.4f}"
                   + (" (best)" if improved else ""))
+        if stats["loss"] > DIVERGED_LOSS:
+            log.print(f"WARNING: the training loss {stats['loss']:.4g} is over {DIVERGED_LOSS / math.log(2):.0f} times that of "
+                      "a constant prediction: training is diverging; lower --lr (or use --grad-clip)")
         log.add_scalars_flat({"loss": val["loss"], "mean_auroc": val_auroc}, epoch + 1, "val")
         log.add_scalars_flat({name: float(value) for name, value in zip(FINDINGS, aurocs)}, epoch + 1, "val_auroc")
         log.add_scalar("train/epoch_loss", stats["loss"], epoch + 1)
         log.add_scalar("train/images_per_s", stats["images_per_s"], epoch + 1)
         if ctx.is_main:
-            checkpoint = {"model": model_state_for_saving(model), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "phase": phase,
-                          "rng": capture_rng_state(), "config": config.to_dict(), "class_names": list(FINDINGS),
-                          "val_aurocs": [float(value) for value in aurocs], **state}
-            save_checkpoint(checkpoint, run_dir / "last.pt")
-            if improved:
-                save_checkpoint(checkpoint, run_dir / "best.pt")
+            checkpoint = build_checkpoint(model, optimizer, scheduler, scaler, config=config.to_dict(), phase=phase,
+                                          counters=state, val_aurocs=aurocs)
+            save_epoch_checkpoints(checkpoint, run_dir, improved)
         if state["bad_epochs"] >= config.patience:
             log.print(f"early stopping: no better validation mean AUROC for {config.patience} epochs")
             break
@@ -225,6 +181,8 @@ def print_next_steps(run_dir: Path, state: dict, config: Config) -> None:
     best = run_dir / "best.pt"
     metric = "mean AUROC" if state["best_metric"] >= 0 else "score (minus the loss: AUROC undefined on this split)"
     print(f"\ndone: best validation {metric} {state['best_metric']:.4f} at epoch {state['best_epoch'] + 1}")
+    if state["history"] and state["history"][-1]["train_loss"] > DIVERGED_LOSS:
+        print("WARNING: training diverged (see the loss above); these checkpoints are not worth evaluating")
     print(f"run directory:   {run_dir}")
     print(f"best checkpoint: {best}")
     print(f"TensorBoard:     tensorboard --logdir {run_dir / 'tensorboard'}")

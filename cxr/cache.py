@@ -1,8 +1,7 @@
 """Reading the decode-once image cache: every NIH image decoded and preprocessed once into a uint8 memmap.
 
-    cache = ImageCache.open("/fast/nih-256", expected={"size": 256, "preprocess": "clahe",
-                                                       "clahe_clip": 2.0, "clahe_grid": 8})
-    image = cache.get("00000001_000.png")   # uint8 [256, 256] == preprocess_image(read_xray(path), 256, ...)
+    cache = ImageCache.open("/fast/nih-256", expected=Preprocessing(256, "clahe", 2.0, 8))
+    image = cache.get("00000001_000.png")   # uint8 [256, 256] == Preprocessing(256, ...)(read_xray(path))
 
 Caches are built by cxr.cache_build.build_cache, usually through scripts/prepare_cache.py:
 
@@ -10,10 +9,10 @@ Caches are built by cxr.cache_build.build_cache, usually through scripts/prepare
     python train.py --data-dir /data/nih --cache-dir /fast/nih-256 --image-size 256
 
 A PNG costs ~10 ms of CPU to decode; a cached image is a memcpy, so GPU epochs stop waiting on the
-CPUs. The cache holds only the deterministic steps (read_xray + preprocess_image), bit for bit, so
+CPUs. The cache holds only the deterministic steps (read_xray + Preprocessing), bit for bit, so
 random augmentation still runs per epoch on top. Full NIH at 256 px is ~7.3 GB on disk, paged in by
-the OS and never held in process memory. This module is all that training needs: it imports neither
-OpenCV nor the table code.
+the OS and never held in process memory. This module is all that training needs (no table code); the stored
+parameters are compared with the run's `Preprocessing`, the one preprocessing contract.
 
 Folder: images.u8 (raw uint8 [N, S, S]), index.npy (Image Index of each row, fixed-width unicode),
 params.json (preprocessing, count, version), done.npy (rows written so far), COMPLETE (written last).
@@ -28,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.config import PREPROCESS_CHOICES
 from cxr.errors import CxrError
+from cxr.transforms import Preprocessing
 
 CACHE_VERSION = 1
 IMAGES_FILE, INDEX_FILE, PARAMS_FILE, DONE_FILE, COMPLETE_MARKER = "images.u8", "index.npy", "params.json", "done.npy", "COMPLETE"
 CACHE_FILES = (IMAGES_FILE, INDEX_FILE, PARAMS_FILE, DONE_FILE, COMPLETE_MARKER)
-PARAMETER_NAMES = ("size", "preprocess", "clahe_clip", "clahe_grid")
 
 
 class CacheError(CxrError, RuntimeError):
@@ -49,31 +47,6 @@ class CacheMissError(CxrError, KeyError):
 
 
 # ----------------------------------------------------------------------------------------------- parameters
-def normalize_parameters(size: int, preprocess: str = "clahe", clahe_clip: float = 2.0, clahe_grid: int = 8) -> dict:
-    """The pixel-affecting parameters with the types stored in params.json; bad values raise ValueError."""
-    if int(size) < 1:
-        raise ValueError(f"--size must be a positive number of pixels, got {size}")
-    if preprocess not in PREPROCESS_CHOICES:
-        raise ValueError(f"--preprocess must be one of {', '.join(PREPROCESS_CHOICES)}, got {preprocess!r}")
-    if float(clahe_clip) <= 0 or int(clahe_grid) < 1:
-        raise ValueError(f"--clahe-clip must be > 0 and --clahe-grid >= 1, got {clahe_clip} and {clahe_grid}")
-    return {"size": int(size), "preprocess": str(preprocess), "clahe_clip": float(clahe_clip), "clahe_grid": int(clahe_grid)}
-
-
-def parameter_differences(stored: dict, wanted: dict) -> list[str]:
-    """'name: cache has X, this run needs Y' for each parameter in `wanted` that changes the pixels."""
-    names = [name for name in PARAMETER_NAMES if name in wanted]
-    if "clahe" not in str(stored.get("preprocess")) and "clahe" not in str(wanted.get("preprocess", stored.get("preprocess"))):
-        names = [name for name in names if not name.startswith("clahe_")]  # CLAHE settings are unused without CLAHE
-
-    def same(first: object, second: object) -> bool:
-        numbers = (int, float)
-        return float(first) == float(second) if isinstance(first, numbers) and isinstance(second, numbers) else first == second
-
-    return [f"{name}: cache has {stored.get(name)!r}, this run needs {wanted[name]!r}"
-            for name in names if not same(stored.get(name), wanted[name])]
-
-
 def prepare_command(data_dir: str | Path, out: str | Path, params: dict) -> str:
     """The scripts/prepare_cache.py command line that builds (or finishes) a cache with `params`."""
     return (f"python scripts/prepare_cache.py --data-dir {shlex.quote(str(data_dir))} --out {shlex.quote(str(out))} "
@@ -102,11 +75,11 @@ class ImageCache:
         self._pid = -1
 
     @classmethod
-    def open(cls, cache_dir: str | Path, expected: dict | None = None) -> ImageCache:
-        """Open a complete cache, checking its preprocessing against `expected` (keys of PARAMETER_NAMES)."""
+    def open(cls, cache_dir: str | Path, expected: Preprocessing | None = None) -> ImageCache:
+        """Open a complete cache, checking its stored preprocessing against the run's `expected` one."""
         cache_dir = Path(cache_dir)
         if not cache_dir.is_dir():
-            example = {**normalize_parameters(224), **(expected or {})}
+            example = (expected or Preprocessing(224)).as_dict()
             raise CacheError(f"--cache-dir {cache_dir}: no such folder; build it first with: "
                              f"{prepare_command('DATA_DIR', cache_dir, example)}")
         params = read_params(cache_dir)
@@ -120,9 +93,9 @@ class ImageCache:
                 progress = "progress unknown"
             raise CacheError(f"--cache-dir {cache_dir}: the cache is not complete ({progress}); run "
                              f"{prepare_command(params.get('data_dir'), cache_dir, params)} to finish it")
-        differences = parameter_differences(params, expected or {})
+        differences = expected.differences(params) if expected is not None else []
         if differences:
-            wanted = {**{name: params[name] for name in PARAMETER_NAMES}, **expected}
+            wanted = expected.as_dict()
             new_dir = f"{cache_dir}-{wanted['size']}px-{wanted['preprocess']}"
             raise CacheError(f"--cache-dir {cache_dir} was built with other preprocessing than this run needs: "
                              f"{'; '.join(differences)}. Rebuild it for this run with "

@@ -2,7 +2,7 @@
 
     python scripts/prepare_cache.py --data-dir /data/nih --out /fast/nih-256 --size 256 --workers 16
 
-    summary = build_cache("/data/nih", "/fast/nih-256", size=256, workers=16)   # resumable
+    summary = build_cache("/data/nih", "/fast/nih-256", Preprocessing(256), workers=16)   # resumable
     print(summary["decoded"], summary["images_per_second"])
 
 Worker processes decode chunks of rows straight into the shared memmap. done.npy records which rows are
@@ -36,12 +36,10 @@ from cxr.cache import (
     INDEX_FILE,
     PARAMS_FILE,
     CacheError,
-    normalize_parameters,
-    parameter_differences,
     read_params,
 )
 from cxr.data import NihIndex, find_table, keep_images_on_disk, locate_images, read_nih_table, table_to_index
-from cxr.transforms import ImageReadError, preprocess_image, read_xray
+from cxr.transforms import ImageReadError, Preprocessing, read_xray
 
 MAX_LISTED_FAILURES = 20
 
@@ -77,12 +75,13 @@ def _locate(data_dir: Path, skip_missing: bool) -> tuple[Path, NihIndex]:
     return table_path, index
 
 
-def _prepare_folder(cache_dir: Path, names: np.ndarray, params: dict, data_dir: Path, table_path: Path) -> np.ndarray:
+def _prepare_folder(cache_dir: Path, names: np.ndarray, preprocessing: Preprocessing, data_dir: Path,
+                    table_path: Path) -> np.ndarray:
     """Create the cache files, or check a started cache against this build; returns the done bitmap."""
-    nbytes = len(names) * params["size"] ** 2
+    nbytes = len(names) * preprocessing.size ** 2
     if (cache_dir / PARAMS_FILE).is_file():
         stored = read_params(cache_dir)
-        differences = parameter_differences(stored, params)
+        differences = preprocessing.differences(stored)
         if stored.get("version") != CACHE_VERSION:
             differences.append(f"version: cache has {stored.get('version')!r}, this code writes {CACHE_VERSION}")
         if differences:
@@ -115,7 +114,7 @@ def _prepare_folder(cache_dir: Path, names: np.ndarray, params: dict, data_dir: 
     done = np.zeros(len(names), dtype=bool)
     _write_atomically(cache_dir / DONE_FILE, lambda handle: np.save(handle, done))
     # params.json last: its presence means the folder is fully set up and can be resumed.
-    _write_json(cache_dir / PARAMS_FILE, {"version": CACHE_VERSION, **params, "count": len(names),
+    _write_json(cache_dir / PARAMS_FILE, {"version": CACHE_VERSION, **preprocessing.as_dict(), "count": len(names),
                                           "data_dir": str(data_dir.resolve()), "table": str(table_path.resolve()),
                                           "opencv": cv2.__version__})
     return done
@@ -126,7 +125,7 @@ _WRITABLE_MAPS: dict[tuple, np.memmap] = {}  # per process: each worker maps the
 
 def _decode_chunk(task: tuple) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Decode and preprocess one chunk of rows straight into the memmap; returns the rows written and the failures."""
-    images_path, shape, params, rows, paths = task
+    images_path, shape, preprocessing, rows, paths = task
     key = (images_path, shape)
     if key not in _WRITABLE_MAPS:
         _WRITABLE_MAPS[key] = np.memmap(images_path, dtype=np.uint8, mode="r+", shape=shape)
@@ -134,8 +133,7 @@ def _decode_chunk(task: tuple) -> tuple[np.ndarray, list[tuple[str, str]]]:
     written, failures = [], []
     for row, path in zip(rows, paths):
         try:
-            image = preprocess_image(read_xray(path), params["size"], params["preprocess"], params["clahe_clip"],
-                                     params["clahe_grid"])
+            image = preprocessing(read_xray(path))
         except Exception as error:  # any bad file is reported by name; the rest of the build goes on
             reason = str(error).removeprefix(f"{path}: ")
             failures.append((path, reason if isinstance(error, ImageReadError) else f"{type(error).__name__}: {reason}"))
@@ -172,18 +170,18 @@ def _checkpoint(cache_dir: Path, done: np.ndarray) -> None:
     _write_atomically(cache_dir / DONE_FILE, lambda handle: np.save(handle, done))
 
 
-def _decode_rows(cache_dir: Path, index: NihIndex, params: dict, done: np.ndarray, workers: int, progress: bool,
+def _decode_rows(cache_dir: Path, index: NihIndex, preprocessing: Preprocessing, done: np.ndarray, workers: int, progress: bool,
                  chunk_rows: int, checkpoint_seconds: float) -> list[tuple[str, str]]:
     """Decode every row not yet done (marking `done` in place, saved periodically and on any exit); returns failures."""
     todo = np.flatnonzero(~done)
     workers = max(1, min(workers, len(todo)))
     chunk = max(1, min(chunk_rows, math.ceil(len(todo) / (4 * workers))))  # several chunks per worker: even finish
-    shape = (len(done), params["size"], params["size"])
-    tasks = ((str(cache_dir / IMAGES_FILE), shape, params, rows, [index.image_path(row) for row in rows])
+    shape = (len(done), preprocessing.size, preprocessing.size)
+    tasks = ((str(cache_dir / IMAGES_FILE), shape, preprocessing, rows, [index.image_path(row) for row in rows])
              for rows in np.array_split(todo, math.ceil(len(todo) / chunk)))
     failures: list[tuple[str, str]] = []
     pool = _worker_context().Pool(workers, initializer=_init_worker) if workers > 1 else None
-    bar = tqdm(total=len(done), initial=int(done.sum()), unit="img", desc=f"cache {params['size']}px",
+    bar = tqdm(total=len(done), initial=int(done.sum()), unit="img", desc=f"cache {preprocessing.size}px",
                disable=not progress, mininterval=1.0)
     last_checkpoint = time.monotonic()
     try:
@@ -204,27 +202,26 @@ def _decode_rows(cache_dir: Path, index: NihIndex, params: dict, done: np.ndarra
     return failures
 
 
-def build_cache(data_dir: str | Path, cache_dir: str | Path, size: int, preprocess: str = "clahe", clahe_clip: float = 2.0,
-                clahe_grid: int = 8, workers: int | None = None, skip_missing: bool = False, progress: bool = True,
-                chunk_rows: int = 128, checkpoint_seconds: float = 10.0) -> dict:
+def build_cache(data_dir: str | Path, cache_dir: str | Path, preprocessing: Preprocessing, workers: int | None = None,
+                skip_missing: bool = False, progress: bool = True, chunk_rows: int = 128,
+                checkpoint_seconds: float = 10.0) -> dict:
     """Decode every image of the table once into `cache_dir` (resumable); raises CacheBuildError naming bad images."""
     start = time.perf_counter()
-    params = normalize_parameters(size, preprocess, clahe_clip, clahe_grid)
     data_dir, cache_dir = Path(data_dir), Path(cache_dir)
     table_path, index = _locate(data_dir, skip_missing)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    done = _prepare_folder(cache_dir, index.image_names, params, data_dir, table_path)
+    done = _prepare_folder(cache_dir, index.image_names, preprocessing, data_dir, table_path)
     already_done = int(done.sum())
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    failures = _decode_rows(cache_dir, index, params, done, workers, progress, chunk_rows, checkpoint_seconds) \
+    failures = _decode_rows(cache_dir, index, preprocessing, done, workers, progress, chunk_rows, checkpoint_seconds) \
         if already_done < len(done) else []
     seconds = time.perf_counter() - start
     decoded = int(done.sum()) - already_done
     summary = {"cache_dir": str(cache_dir), "images": len(done), "decoded": decoded, "already_done": already_done,
-               "failed": len(failures), "complete": not failures, "bytes": len(done) * params["size"] ** 2,
+               "failed": len(failures), "complete": not failures, "bytes": len(done) * preprocessing.size ** 2,
                "seconds": round(seconds, 3), "images_per_second": round(decoded / seconds, 1) if seconds else 0.0,
-               "workers": workers, "params": params}
+               "workers": workers, "params": preprocessing.as_dict()}
     if failures:
         listed = "\n".join(f"  {path}: {reason}" for path, reason in failures[:MAX_LISTED_FAILURES])
         if len(failures) > MAX_LISTED_FAILURES:

@@ -1,34 +1,37 @@
-"""Checkpoints: atomic save, strict weights_only load, unwrapped model state, RNG state for resume.
+"""Checkpoints: one schema, atomic save, strict weights_only load, the unwrapped model.
 
-A checkpoint is a dict of plain tensors and containers with at least `model` (state dict) and
-`config` (the run's config as a dict); only rank 0 should save it.
+The training checkpoint's schema lives here alone: `build_checkpoint` makes it from the live objects,
+`restore_checkpoint` puts it back, and `load_checkpoint` checks its `schema_version` (an older or newer
+file is a clear error naming both versions). Only rank 0 saves.
 
-Example (rank 0 saves; any process loads):
-
-    state = {"model": model_state_for_saving(model), "config": config.to_dict(),
-             "optimizer": optimizer.state_dict(), "rng": capture_rng_state(), "epoch": epoch}
-    save_checkpoint(state, run_dir / "last.pt")
+    state = build_checkpoint(model, optimizer, scheduler, scaler, config=config.to_dict(), phase=2,
+                             counters=counters, val_aurocs=aurocs)
+    save_epoch_checkpoints(state, run_dir, improved=True)     # last.pt, and best.pt as a link to the same bytes
     state = load_checkpoint(resolve_checkpoint_path("runs/exp1"))   # a run directory -> its last.pt
-    unwrap_model(model).load_state_dict(state["model"])
+    counters = restore_checkpoint(state, model, optimizer, scheduler, scaler)
+
+No RNG state is stored: every random stream of a run is re-seeded from (seed, rank, epoch) at the start
+of each epoch (cxr.seeding), which is what makes resume exact, on one process or many.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import random
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from cxr.errors import CxrError
 
+SCHEMA_VERSION = 2  # 1: the first release (no version field, RNG states); 2: this schema
 REQUIRED_KEYS = ("model", "config")
+COUNTER_KEYS = ("epoch", "global_step", "best_metric", "best_epoch", "bad_epochs", "history")
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
 
@@ -37,9 +40,25 @@ class CheckpointError(CxrError, RuntimeError):
     """A checkpoint file exists but cannot or must not be loaded."""
 
 
+class CheckpointMissingError(CxrError, FileNotFoundError):
+    """No checkpoint where one was asked for; the message says what to pass instead."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write `state` to `path` atomically: a crash mid-save leaves the previous file intact."""
     path = Path(path)
+    temp_path = _write_temp(state, path)
+    try:
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _write_temp(state: dict[str, Any], path: Path) -> Path:
+    """torch.save `state` into a fsynced temporary file beside `path`; returns the temporary path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temp file must live in the same directory: os.replace is atomic only within one filesystem.
     # os.open with 0o666 honours the umask (tempfile would make the checkpoint private, mode 0600).
@@ -50,12 +69,15 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp_path, path)
     except BaseException:  # also Ctrl-C: never leave a half-written temp file behind
         temp_path.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
-    return path
+    return temp_path
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -76,7 +98,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """Load a cxr checkpoint with weights_only=True; raise a clear error for missing/corrupt/unsafe files."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointMissingError(
             f"checkpoint {path} does not exist; pass a .pt file written by train.py or a run directory"
         )
     try:
@@ -102,7 +124,63 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             f"{path} is not a cxr checkpoint: missing keys {missing} (found {sorted(map(str, state))}); "
             "use a best.pt or last.pt written by train.py"
         )
+    version = state.get("schema_version", 1)
+    if version != SCHEMA_VERSION:
+        age = "an older" if isinstance(version, int) and version < SCHEMA_VERSION else "a newer"
+        raise CheckpointError(
+            f"{path} uses checkpoint schema version {version!r}, this code reads version {SCHEMA_VERSION}: it was written "
+            f"by {age} version of cxr; use that version of cxr, or retrain"
+        )
     return state
+
+
+def build_checkpoint(model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, *, config: dict[str, Any],
+                     phase: int, counters: dict[str, Any], val_aurocs: Any = (), class_names: Any = None) -> dict[str, Any]:
+    """The training checkpoint (schema SCHEMA_VERSION) from the live objects; tensors copied to CPU."""
+    from cxr.labels import FINDINGS
+
+    missing = [key for key in COUNTER_KEYS if key not in counters]
+    if missing:
+        raise ValueError(f"build_checkpoint: counters lack {missing}")
+    return {"schema_version": SCHEMA_VERSION, "model": model_state_for_saving(model),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "phase": int(phase), "config": dict(config), "class_names": list(class_names or FINDINGS),
+            "val_aurocs": [float(value) for value in val_aurocs], **{key: counters[key] for key in COUNTER_KEYS}}
+
+
+def restore_checkpoint(checkpoint: dict[str, Any], model: nn.Module, optimizer: Any = None, scheduler: Any = None,
+                       scaler: Any = None) -> dict[str, Any]:
+    """Load model, optimizer, scheduler and scaler state from `checkpoint`; returns its counters."""
+    unwrap_model(model).load_state_dict(checkpoint["model"])
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if target is not None:
+            target.load_state_dict(checkpoint[name])
+    return {key: checkpoint[key] for key in COUNTER_KEYS}
+
+
+def save_epoch_checkpoints(state: dict[str, Any], run_dir: str | os.PathLike, improved: bool) -> None:
+    """Write `last.pt` and, when `improved`, make `best.pt` the same file, serialized once.
+
+    Order: the new checkpoint is written to a temporary file and made durable; `best.pt` is replaced by a hard
+    link to it (a copy where links are not supported), then the temporary file becomes `last.pt`. A kill at any
+    point leaves two loadable files, and `best.pt` is never older than the best recorded in `last.pt`.
+    """
+    run_dir = Path(run_dir)
+    temp_path = _write_temp(state, run_dir / LAST_NAME)
+    try:
+        if improved:
+            best_temp = run_dir / f".{BEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            try:
+                os.link(temp_path, best_temp)
+            except OSError:
+                shutil.copyfile(temp_path, best_temp)
+                _fsync_file(best_temp)
+            os.replace(best_temp, run_dir / BEST_NAME)
+        os.replace(temp_path, run_dir / LAST_NAME)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    _fsync_directory(run_dir)
 
 
 def _corrupt_error(path: Path, error: BaseException) -> CheckpointError:
@@ -132,51 +210,6 @@ def model_state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU (and CUDA) RNG states as tensors/ints/lists, loadable with weights_only."""
-    version, mt_state, gauss_next = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_cached_gaussian = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": list(mt_state), "gauss_next": gauss_next},
-        # numpy's state holds a uint32 ndarray, which weights_only cannot unpickle: store an int64 tensor.
-        "numpy": {
-            "name": str(np_name),
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore what capture_rng_state saved (CUDA states for as many devices as both sides have).
-
-    Under DDP, rank 0's state restored on every rank would make all ranks draw the same numbers:
-    restore it on a single process only, or re-seed with seed_everything(seed + epoch, rank).
-    """
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["name"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        for device_index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.cpu(), device_index)
-
-
 def resolve_checkpoint_path(path_or_run_dir: str | os.PathLike) -> Path:
     """A checkpoint file as is; a run directory -> its last.pt (for --resume)."""
     path = Path(path_or_run_dir)
@@ -185,18 +218,18 @@ def resolve_checkpoint_path(path_or_run_dir: str | os.PathLike) -> Path:
     if path.is_dir():
         last = path / LAST_NAME
         if not last.is_file():
-            raise FileNotFoundError(
+            raise CheckpointMissingError(
                 f"run directory {path} has no {LAST_NAME} (no epoch finished yet?); pass a checkpoint file instead"
             )
         return last
-    raise FileNotFoundError(f"{path} is neither a checkpoint file nor a run directory")
+    raise CheckpointMissingError(f"{path} is neither a checkpoint file nor a run directory")
 
 
 def find_latest_best(runs_root: str | os.PathLike = "runs") -> Path:
     """The most recently written `<runs_root>/*/best.pt`."""
     candidates = [path for path in Path(runs_root).glob(f"*/{BEST_NAME}") if path.is_file()]
     if not candidates:
-        raise FileNotFoundError(
+        raise CheckpointMissingError(
             f"no {runs_root}/*/{BEST_NAME} found; train first: python train.py (or pass --checkpoint PATH)"
         )
     return max(candidates, key=lambda path: path.stat().st_mtime)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 
 import yaml
 
-PREPROCESS_CHOICES = ("clahe", "equalize", "clahe+equalize", "none")
+from cxr.errors import ConfigError
+from cxr.transforms import PREPROCESS_CHOICES, Preprocessing
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -77,6 +79,7 @@ class Config:
     # bookkeeping
     out: str = _opt("", "run directory (default runs/<timestamp>)")
     resume: str = _opt("", "continue a run: its directory or a checkpoint file")
+    overwrite: bool = _opt(False, "let a fresh run replace the checkpoints of another run in --out")
     seed: int = _opt(0, "random seed (each process adds its rank)")
     max_steps_per_epoch: int = _opt(0, "stop each epoch after this many steps (0: full epochs); for smoke tests")
     log_every: int = _opt(20, "steps between TensorBoard scalars")
@@ -149,17 +152,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML file of Config fields; unknown keys are an error that names them."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: --config {path}: no such file")
+        raise ConfigError(f"--config {path}: no such file")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from error
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read it ({error.strerror or error})") from error
     except yaml.YAMLError as error:
-        raise SystemExit(f"error: --config {path}: not valid YAML ({error})") from error
+        raise ConfigError(f"--config {path}: not valid YAML ({error})") from error
     if not isinstance(values, dict):
-        raise SystemExit(f"error: --config {path}: expected a mapping of option: value")
+        raise ConfigError(f"--config {path}: expected a mapping of option: value")
+    bad_keys = [key for key in values if not isinstance(key, str)]
+    if bad_keys:
+        raise ConfigError(f"--config {path}: option names must be text, got {bad_keys[0]!r}; see train.py --help")
     values = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(values) - {f.name for f in fields(Config)})
     if unknown:
-        raise SystemExit(f"error: --config {path}: unknown option(s) {', '.join(unknown)}; see train.py --help")
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see train.py --help")
     return {key: _yaml_value(path, key, value) for key, value in values.items()}
 
 
@@ -177,10 +187,10 @@ def _yaml_value(path: Path, key: str, value: Any) -> Any:
         else:
             converted = kind(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-        raise SystemExit(f"error: --config {path}: {key}: expected {kind.__name__}, got {value!r}") from error
+        raise ConfigError(f"--config {path}: {key}: expected {kind.__name__}, got {value!r}") from error
     choices = item.metadata.get("choices")
     if choices and converted not in choices:
-        raise SystemExit(f"error: --config {path}: {key}: must be one of {', '.join(choices)}, got {converted!r}")
+        raise ConfigError(f"--config {path}: {key}: must be one of {', '.join(map(str, choices))}, got {converted!r}")
     return converted
 
 
@@ -197,6 +207,39 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
+# Flags that may differ when a run is resumed: they change how it runs or how long, not what it learns from
+# the epochs already done. Every other field is fixed by the run's record; a different value is refused.
+RESUMABLE_FIELDS = ("epochs", "patience", "workers", "log_every", "tensorboard", "device", "data_dir", "cache_dir",
+                    "max_steps_per_epoch", "resume", "out", "overwrite")
+
+
+def config_for_resume(args: argparse.Namespace, stored: dict[str, Any], run_dir: str) -> Config:
+    """The run's own config with the changes that --resume allows (flags, then --config FILE) applied.
+
+    The resumed run continues in `run_dir` (the folder given to --resume). A flag or YAML key that would make
+    the record and the run disagree (the learning rate of an optimizer restored from the checkpoint, the
+    architecture of its weights...) is a ConfigError naming it, never silently applied or ignored.
+    """
+    values = Config.from_dict(stored).to_dict()
+    requested = load_yaml(args.config) if getattr(args, "config", None) else {}
+    requested.update({f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None})
+    requested.pop("resume", None)
+    if "out" in requested and Path(requested.pop("out")).resolve() != Path(run_dir).resolve():
+        raise ConfigError(f"--out cannot differ from the --resume directory ({run_dir}): a resumed run continues in "
+                          "its own folder; copy the folder first to branch a run")
+    fixed = [f"--{name.replace('_', '-')} (the run has {values[name]!r}, given {value!r})"
+             for name, value in requested.items() if name not in RESUMABLE_FIELDS and value != values[name]]
+    if fixed:
+        raise ConfigError(f"cannot change {'; '.join(fixed)} when resuming {run_dir}: the restored optimizer, schedule "
+                          "and weights were made with the run's values. Resume without them, or start a new run "
+                          "(--out NEW --weights RUN/best.pt) to continue with other settings")
+    values.update(requested)
+    values["out"] = str(run_dir)
+    config = Config(**values)
+    validate(config)
+    return config
+
+
 def validate(config: Config) -> None:
     """Reject values no run could use, naming the flag."""
     problems = []
@@ -206,8 +249,13 @@ def validate(config: Config) -> None:
         problems.append("--warmup-epochs must be between 0 and --epochs")
     if config.batch_size < 1:
         problems.append("--batch-size must be at least 1")
-    if config.image_size < 32:
-        problems.append("--image-size must be at least 32 (DenseNet downsamples by 32)")
+    if not 32 <= config.image_size <= 4096:
+        problems.append("--image-size must be at least 32 (DenseNet downsamples by 32) and at most 4096")
+    else:
+        try:
+            Preprocessing.from_config(config)
+        except ConfigError as error:
+            problems.append(str(error))
     if not 0 <= config.label_smoothing < 1:
         problems.append("--label-smoothing must be in [0, 1)")
     if not 0 < config.val_fraction < 1 or not 0 < config.test_fraction < 1:
@@ -217,15 +265,32 @@ def validate(config: Config) -> None:
     if config.unfreeze != "all" and not (config.unfreeze.isdigit() and 0 <= int(config.unfreeze) <= 4):
         problems.append(f"--unfreeze must be 0..4 or 'all', got {config.unfreeze!r}")
     try:
-        config.hidden_sizes
+        if any(size < 1 for size in config.hidden_sizes):
+            problems.append(f"--hidden sizes must be at least 1 (empty for one linear layer), got {config.hidden!r}")
     except ValueError:
         problems.append(f"--hidden must be comma-separated integers, got {config.hidden!r}")
+    if not 0 <= config.dropout < 1:
+        problems.append(f"--dropout must be in [0, 1), got {config.dropout}")
+    if config.grad_clip < 0:
+        problems.append(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
+    if config.weight_decay < 0 or config.trunk_lr_mult < 0:
+        problems.append("--weight-decay and --trunk-lr-mult must be >= 0")
+    if config.lr_warmup_steps < 0 or config.max_steps_per_epoch < 0:
+        problems.append("--lr-warmup-steps and --max-steps-per-epoch must be >= 0")
+    if config.log_every < 1:
+        problems.append(f"--log-every must be at least 1 step, got {config.log_every}")
+    if config.patience < 1:
+        problems.append(f"--patience must be at least 1 epoch, got {config.patience}")
+    if config.synthetic_patients < 1 or not 32 <= config.synthetic_size <= 4096:
+        problems.append("--synthetic-patients must be >= 1 and --synthetic-size 32..4096")
+    if not all(math.isfinite(value) for value in (config.lr, config.grad_clip, config.weight_decay, config.dropout)):
+        problems.append("--lr, --grad-clip, --weight-decay and --dropout must be finite numbers")
     if config.workers < 0:
         problems.append("--workers must be >= 0")
     if config.output_stride not in (32, 16, 8):
         problems.append(f"--output-stride must be 32, 16 or 8, got {config.output_stride!r}")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def parse_config(argv: Sequence[str] | None = None, description: str | None = None) -> Config:

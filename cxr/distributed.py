@@ -8,8 +8,6 @@ Launch with torchrun (no home-made launcher); plain `python` gives a single-proc
 
 Example:
     >>> ctx = setup_distributed("cpu")
-    >>> seed_everything(0, ctx.rank)
-    0
     >>> indices, values = gather_predictions(torch.tensor([1, 0]), torch.tensor([[0.75], [0.25]]), 2, ctx)
     >>> indices.tolist(), values.ravel().tolist()
     ([0, 1], [0.25, 0.75])
@@ -19,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import os
-import random
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from cxr.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -61,19 +60,19 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
 
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
     if device not in DEVICE_CHOICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+        raise ConfigError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but CUDA is not available here; use --device cpu or --device auto")
+        raise ConfigError("--device cuda was given but CUDA is not available here; use --device cpu or --device auto")
     gpu_count = torch.cuda.device_count()
     if local_rank >= gpu_count:
-        raise RuntimeError(
+        raise ConfigError(
             f"local rank {local_rank} has no GPU: this node has {gpu_count}; "
             f"use torchrun --nproc_per_node={gpu_count} or fewer"
         )
@@ -86,7 +85,7 @@ def setup_distributed(device: str = "auto", timeout: timedelta = timedelta(minut
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"invalid torchrun environment RANK={rank} WORLD_SIZE={world_size}")
+        raise ConfigError(f"invalid torchrun environment RANK={rank} WORLD_SIZE={world_size}")
     torch_device = _resolve_device(device, local_rank)
     if torch_device.type == "cuda":
         # Every later CUDA call (and nccl's communicator) must default to this process's GPU.
@@ -101,16 +100,6 @@ def cleanup_distributed(ctx: DistContext) -> None:
     """Destroy the process group if one was initialised (safe to call in a single process)."""
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def seed_everything(seed: int, rank: int = 0) -> int:
-    """Seed python, numpy and torch (all devices) with seed + rank; return the seed used."""
-    # The rank offset gives each rank different augmentations; DistributedSampler shards by its own seed.
-    effective = int(seed) + int(rank)
-    random.seed(effective)
-    np.random.seed(effective % 2**32)
-    torch.manual_seed(effective)  # also seeds every CUDA device
-    return effective
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

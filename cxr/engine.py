@@ -8,48 +8,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from cxr.device import DevicePolicy
 from cxr.distributed import DistContext, RankZero, any_rank, gather_predictions
 from cxr.errors import CxrError
-from cxr.transforms import normalize_batch
 
 
 class NonFiniteLossError(CxrError, RuntimeError):
     """The loss became NaN/inf on some rank; every rank raises it together."""
-
-
-@dataclass(frozen=True)
-class DevicePolicy:
-    """How batches run on the device: autocast dtype (None = off), memory format, fp16 loss scaling."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    @property
-    def uses_grad_scaler(self) -> bool:
-        return self.amp_dtype == torch.float16
-
-    def autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B,1,H,W] from the loader -> normalized float [B,3,H,W] on the device."""
-        images = images.to(self.device, non_blocking=True)
-        return normalize_batch(images, channels_last=self.channels_last)
-
-    def describe(self) -> str:
-        amp = "off" if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
-        return f"device {self.device}, AMP {amp}, {'channels_last' if self.channels_last else 'contiguous'}"
 
 
 def train_one_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,

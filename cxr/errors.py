@@ -28,11 +28,11 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def run_main(main: Callable[[], int]) -> int:
-    """Call `main`; a CxrError becomes `error: ...` on stderr (rank 0 only) and exit status 1."""
+def run_main(main: Callable[[], int], error_status: int = 1) -> int:
+    """Call `main`; a CxrError becomes `error: ...` on stderr (rank 0 only) and exit status `error_status`."""
     try:
         return main()
     except CxrError as error:
         if is_rank_zero():
             print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+        return error_status

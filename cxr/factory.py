@@ -1,7 +1,7 @@
-"""Builders that turn a Config into data loaders, the device policy, the optimizer and the LR schedule.
+"""Builders that turn a Config into data loaders, the optimizer, the LR schedule, and a trained model.
 
-Shared by train.py, evaluate.py, explain.py and the benchmark so that all of them see the same
-preprocessing, the same device settings and the same data.
+Shared by train.py, evaluate.py, explain.py and the benchmark so that all of them see the same data and
+the same loaders; preprocessing arrives as one `Preprocessing` object, device settings come from cxr.device.
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ import math
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cxr.config import Config
-from cxr.data import ChestXrayDataset, NihData, load_nih, seed_worker
+from cxr.data import ChestXrayDataset, DataError, NihData, load_nih
 from cxr.distributed import DistContext, barrier
-from cxr.engine import DevicePolicy
-from cxr.model import CXRNet, build_model
+from cxr.model import CXRNet, build_model, stages_to_unfreeze
+from cxr.seeding import epoch_seed, loader_seed, seed_worker
 from cxr.synthetic import ensure_demo_dataset
-from cxr.transforms import build_train_augment
+from cxr.transforms import Preprocessing, build_train_augment
 
 
 def resolve_data_dir(config: Config, ctx: DistContext) -> Path:
@@ -37,37 +38,31 @@ def load_data(config: Config, data_dir: Path) -> NihData:
                     val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
 
 
-def open_cache(config: Config):
-    """The decoded-image cache named by --cache-dir, checked against this run's preprocessing (None if unset)."""
+def open_cache(config: Config, preprocessing: Preprocessing):
+    """The decoded-image cache named by --cache-dir, checked against `preprocessing` (None if unset)."""
     if not config.cache_dir:
         return None
     from cxr.cache import ImageCache
 
-    return ImageCache.open(config.cache_dir, expected=cache_parameters(config))
+    return ImageCache.open(config.cache_dir, expected=preprocessing)
 
 
-def cache_parameters(config: Config) -> dict:
-    """The preprocessing parameters a cache must have been built with to serve this config."""
-    return {"size": config.image_size, "preprocess": config.preprocess, "clahe_clip": config.clahe_clip,
-            "clahe_grid": config.clahe_grid}
-
-
-def make_dataset(config: Config, data: NihData, split: str, train: bool, cache=None) -> ChestXrayDataset:
+def make_dataset(config: Config, data: NihData, split: str, preprocessing: Preprocessing, train: bool,
+                 cache=None) -> ChestXrayDataset:
     """The Dataset of one split; training ones get the augmentation."""
     augment = build_train_augment(config.augment_strength, config.hflip) if train else None
-    return ChestXrayDataset(data.index, data.splits[split], config.image_size, config.preprocess, config.clahe_clip,
-                            config.clahe_grid, augment=augment, cache=cache)
+    return ChestXrayDataset(data.index, data.splits[split], preprocessing, augment=augment, cache=cache)
 
 
 def make_loader(dataset: ChestXrayDataset, config: Config, ctx: DistContext, train: bool,
                 batch_size: int | None = None) -> DataLoader:
     """A DataLoader over this rank's shard; evaluation shards are padded by the sampler and de-padded on gather."""
     if len(dataset) == 0:
-        raise ValueError("the split is empty: check --val-fraction / --test-fraction and the split files")
+        raise DataError("the split is empty: check --val-fraction / --test-fraction and the split files")
     sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train,
                                  seed=config.seed, drop_last=False)
     generator = torch.Generator()
-    generator.manual_seed(config.seed * 1000 + ctx.rank)
+    generator.manual_seed(loader_seed(config.seed, ctx.rank))
     return DataLoader(dataset, batch_size=batch_size or config.batch_size, sampler=sampler, num_workers=config.workers,
                       pin_memory=ctx.device.type == "cuda", drop_last=train and len(dataset) >= 2 * config.batch_size * ctx.world_size,
                       worker_init_fn=seed_worker, generator=generator,
@@ -77,28 +72,33 @@ def make_loader(dataset: ChestXrayDataset, config: Config, ctx: DistContext, tra
 def start_epoch(loader: DataLoader, config: Config, ctx: DistContext, epoch: int) -> None:
     """Make epoch `epoch`'s shuffle and augmentations a pure function of (seed, rank, epoch): exact resume."""
     loader.sampler.set_epoch(epoch)
-    epoch_seed = (config.seed * 1000 + ctx.rank) * 1000 + epoch
-    loader.generator.manual_seed(epoch_seed)  # worker seeds derive from it
-    torch.manual_seed(epoch_seed)  # dropout
+    seed = epoch_seed(config.seed, ctx.rank, epoch)
+    loader.generator.manual_seed(seed)  # worker seeds derive from it
+    torch.manual_seed(seed)  # dropout
     if loader.num_workers == 0:
-        loader.dataset.reseed(epoch_seed)
+        loader.dataset.reseed(seed)
 
 
-def device_policy(config: Config, ctx: DistContext) -> DevicePolicy:
-    """Resolve --amp / --amp-dtype for this device, and --channels-last."""
-    cuda = ctx.device.type == "cuda"
-    amp = config.amp == "on" or (config.amp == "auto" and cuda)
-    dtype = None
-    if amp:
-        if config.amp_dtype == "fp16":
-            dtype = torch.float16
-        elif config.amp_dtype == "bf16" or not cuda or torch.cuda.is_bf16_supported():
-            dtype = torch.bfloat16
-        else:
-            dtype = torch.float16
-        if dtype == torch.float16 and not cuda:
-            dtype = torch.bfloat16  # CPU autocast has no fp16 loss scaling path
-    return DevicePolicy(ctx.device, dtype, config.channels_last == "on")
+def phase_of(epoch: int, config: Config) -> int:
+    """1 during the frozen warm-up epochs, 2 afterwards."""
+    return 1 if epoch < config.warmup_epochs else 2
+
+
+def configure_phase(model: CXRNet, phase: int, config: Config) -> set[str]:
+    """Freeze the trunk (phase 1) or unfreeze the requested blocks (phase 2); returns the trainable stages."""
+    trainable = set() if phase == 1 else stages_to_unfreeze(config.unfreeze)
+    model.set_trainable_stages(trainable)
+    return trainable
+
+
+def wrap_for_training(model: CXRNet, config: Config, ctx: DistContext) -> torch.nn.Module:
+    """DDP must be rebuilt whenever the set of trainable parameters changes (it registers them at construction)."""
+    wrapped: torch.nn.Module = model
+    if config.compile:
+        wrapped = torch.compile(wrapped)
+    if ctx.distributed:
+        wrapped = DistributedDataParallel(wrapped, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return wrapped
 
 
 def build_optimizer(model: CXRNet, config: Config) -> torch.optim.Optimizer:
@@ -127,7 +127,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_
 
 def load_trained_model(checkpoint_path: str | Path, device: torch.device) -> tuple[CXRNet, Config, dict]:
     """Rebuild the network from a checkpoint alone (architecture and preprocessing come from its config)."""
-    from cxr.checkpoint import load_checkpoint
+    from cxr.checkpoint import CheckpointError, load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
     config = Config.from_dict(checkpoint["config"])
@@ -135,5 +135,5 @@ def load_trained_model(checkpoint_path: str | Path, device: torch.device) -> tup
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        raise ValueError(f"{checkpoint_path}: its weights do not fit the model its config describes ({error})") from error
+        raise CheckpointError(f"{checkpoint_path}: its weights do not fit the model its config describes ({error})") from error
     return model.to(device).eval(), config, checkpoint

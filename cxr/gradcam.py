@@ -32,18 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr.localization import heatmap_to_boxes, iobb, iou, localization_scores, overlay, pointing_hit
-
-__all__ = [
-    "METHODS",
-    "GradCAM",
-    "heatmap_to_boxes",
-    "iobb",
-    "iou",
-    "localization_scores",
-    "overlay",
-    "pointing_hit",
-]
+__all__ = ["METHODS", "GradCAM"]
 
 METHODS = ("gradcam", "gradcam++")
 

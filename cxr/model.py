@@ -1,9 +1,14 @@
 """DenseNet121 trunk with the original design's head: pool -> BatchNorm -> dense+ReLU+dropout -> 14 logits.
 
     model = build_model(weights="imagenet")       # or "none", or a path to a state dict / checkpoint
-    features = model.forward_features(images)     # [B, 1024, H/32, W/32], after the final ReLU
+    logits = model(gray)                          # gray: [B, 1, H, W], uint8 or float in [0, 255]
+    features = model.forward_features(gray)       # [B, 1024, H/32, W/32], after the final ReLU
     logits = model.forward_head(features)         # [B, 14]; no sigmoid: the loss takes logits
     small = build_model("none", output_stride=8)  # [B, 1024, H/8, W/8]: finer Grad-CAM maps for small inputs
+
+The first layer, `ImageNetNormalization`, turns 1-channel [0, 255] images into the 3-channel ImageNet-normalized
+input the trunk's weights expect. It is part of the model (non-persistent buffers: state dicts are unchanged)
+so that the training loop, evaluation, Grad-CAM and every exported model apply it exactly once.
 
 The trunk is split into stages so that fine-tuning can unfreeze the last N dense blocks.
 
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet121_Weights, densenet121
 
-from cxr.errors import CxrError
+from cxr.errors import ConfigError, CxrError
 from cxr.labels import NUM_CLASSES
 
 # Trunk stages from the input side; unfreezing N blocks unfreezes the last N of the first four.
@@ -41,6 +46,26 @@ FEATURE_CHANNELS = 1024
 OUTPUT_STRIDES: dict[int, tuple[str, ...]] = {32: (), 16: ("transition3",), 8: ("transition2", "transition3")}
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNetNormalization(nn.Module):
+    """[B, 1, H, W] gray in [0, 255] (any dtype) -> [B, 3, H, W] float, ImageNet mean/std per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        # (x / 255 - mean) / std as one multiply-add; broadcasting the gray channel makes the 3 copies.
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", (-mean / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected gray images [B, 1, H, W] with values in [0, 255], got shape {tuple(images.shape)}")
+        return torch.addcmul(self.shift, images.float(), self.scale)
+
+
 class WeightsUnavailableError(CxrError, RuntimeError):
     """The ImageNet weights could not be downloaded; the message says how to pass a local file."""
 
@@ -51,8 +76,10 @@ class CXRNet(nn.Module):
     def __init__(self, num_classes: int = NUM_CLASSES, hidden: tuple[int, ...] = (512,), dropout: float = 0.5,
                  output_stride: int = 32):
         super().__init__()
+        self.normalize = ImageNetNormalization()
         self.features = densenet121(weights=None).features
         set_output_stride(self.features, output_stride)
+        self.output_stride = output_stride
         layers: list[nn.Module] = [nn.BatchNorm1d(FEATURE_CHANNELS)]
         width = FEATURE_CHANNELS
         for size in hidden:
@@ -63,8 +90,12 @@ class CXRNet(nn.Module):
         self.frozen_stages: set[str] = set()
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Gray [B, 1, H, W] in [0, 255] -> the last feature map [B, 1024, h, w]."""
+        inputs = self.normalize(images)
+        if self.features.conv0.weight.is_contiguous(memory_format=torch.channels_last):
+            inputs = inputs.contiguous(memory_format=torch.channels_last)  # a channels_last model gets channels_last input
         # Not in place (torchvision's is): Grad-CAM hooks this tensor.
-        return F.relu(self.features(images))
+        return F.relu(self.features(inputs))
 
     def forward_head(self, feature_map: torch.Tensor) -> torch.Tensor:
         return self.head(feature_map.mean(dim=(2, 3)))
@@ -118,7 +149,7 @@ class _DilatedAvgPool(nn.Module):
 def set_output_stride(features: nn.Module, output_stride: int) -> None:
     """Make torchvision DenseNet121 `features` (fresh, stride 32) produce a map of stride 32, 16 or 8."""
     if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"--output-stride must be one of {sorted(OUTPUT_STRIDES)}, got {output_stride!r}")
+        raise ConfigError(f"--output-stride must be one of {sorted(OUTPUT_STRIDES)}, got {output_stride!r}")
     dilation = 1
     for name in ("transition2", "denseblock3", "transition3", "denseblock4"):
         module = getattr(features, name)
@@ -137,7 +168,7 @@ def stages_to_unfreeze(unfreeze: str | int) -> set[str]:
         return set(STAGES)
     count = int(unfreeze)
     if not 0 <= count <= len(DENSE_BLOCKS):
-        raise ValueError(f"--unfreeze must be 0..{len(DENSE_BLOCKS)} or 'all', got {unfreeze!r}")
+        raise ConfigError(f"--unfreeze must be 0..{len(DENSE_BLOCKS)} or 'all', got {unfreeze!r}")
     return set(DENSE_BLOCKS[len(DENSE_BLOCKS) - count:])
 
 
@@ -174,23 +205,27 @@ def load_weights_file(model: CXRNet, path: str | Path) -> str:
     """Load a torchvision DenseNet121 state dict (trunk only) or one of our checkpoints (whole model)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--weights {path}: no such file (use 'imagenet', 'none' or a path to a .pth/.pt file)")
+        raise ConfigError(f"--weights {path}: no such file (use 'imagenet', 'none' or a path to a .pth/.pt file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"--weights {path}: not a loadable weights file ({error})") from error
+        raise ConfigError(f"--weights {path}: not a loadable weights file ({error})") from error
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ConfigError(f"--weights {path}: a checkpoint of another architecture ({str(error)[:300]}...); "
+                              "pass --hidden/--output-stride as it was trained, or a DenseNet121 trunk file") from error
         return "checkpoint"
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     trunk = _trunk_state_from_torchvision(state) if isinstance(state, dict) else {}
     if not trunk:
-        raise ValueError(f"--weights {path}: holds no DenseNet 'features.*' weights and is not a cxr checkpoint")
+        raise ConfigError(f"--weights {path}: holds no DenseNet 'features.*' weights and is not a cxr checkpoint")
     try:
         model.features.load_state_dict(trunk)
     except RuntimeError as error:
-        raise ValueError(f"--weights {path}: not DenseNet121 weights ({str(error)[:300]}...)") from error
+        raise ConfigError(f"--weights {path}: not DenseNet121 weights ({str(error)[:300]}...)") from error
     return "torchvision"
 
 

@@ -37,16 +37,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cxr.data import BOX_SPACE
 from cxr.labels import FINDINGS, NO_FINDING
-
-# Drawing lives in synthetic_anatomy; its names stay importable from here for existing callers.
-from cxr.synthetic_anatomy import LESIONS, Anatomy, anatomy, smooth_noise  # noqa: F401
+from cxr.synthetic_anatomy import LESIONS, anatomy, smooth_noise
 
 GENERATOR_VERSION = 3  # bump whenever the pixels or tables change: it names the cache folder
 DATA_ENTRY_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
                      "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
-BBOX_SPACE = 1024.0  # the real box list is in 1024x1024 pixels whatever the image size
 # Huffman-only deflate: 3x faster than the default on noisy images, and smaller; explicit for determinism.
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
 COMPLETE_MARKER = "COMPLETE.json"
@@ -216,7 +214,7 @@ def _render_and_write(task: tuple[str, ImageRecord, int, int]) -> list[str]:
     Path(images_dir, record.image_index).write_bytes(encoded.tobytes())
     if record.split != "test":
         return []
-    scale = BBOX_SPACE / size
+    scale = BOX_SPACE / size
     return [f"{record.image_index},{'Infiltrate' if name == 'Infiltration' else name},"
             + ",".join(f"{value * scale:.4f}" for value in boxes[name])
             for name in record.findings if boxes[name][2] > 0]

@@ -1,27 +1,37 @@
-"""Decoding, contrast enhancement (CLAHE / histogram equalization), augmentation and normalization.
+"""The preprocessing contract, decoding, contrast enhancement (CLAHE / histogram equalization) and augmentation.
 
+    prep = Preprocessing.from_config(config)              # or .from_checkpoint(checkpoint): size, method, CLAHE
     gray = read_xray("00000001_000.png")                 # uint8 [H, W], whatever the PNG's mode/depth
-    image = preprocess_image(gray, 224, "clahe")          # resize first, then enhance (cheaper, same look)
+    image = prep(gray)                                    # resize first, then enhance (cheaper, same look)
+    prep.as_dict()                                        # what a cache stores and is checked against; JSON
+    prep.with_size(256)                                   # ten-crop loads at 256 for 224 crops
     augment = build_train_augment(strength=1.0)           # albumentations, on uint8 gray
-    batch = normalize_batch(uint8_batch.to(device))       # [B,1,S,S] uint8 -> [B,3,S,S] ImageNet-normalized
 
-Images stay 1-channel uint8 until they reach the device: 12x less to copy than 3-channel float.
+`Preprocessing` is the one description of what happens to an image before the network: every consumer (the
+Dataset, the cache builder and reader, explain, evaluate's ten-crop, the benchmark, exports) takes that object
+and none rebuilds the steps from loose values. It stops at a 1-channel uint8 image.
+
+Where normalization lives: in the model (`cxr.model.ImageNetNormalization`, its first layer, buffers only).
+The network takes 1-channel images with values in [0, 255] and repeats the gray channel and applies the
+ImageNet mean/std itself, so no consumer (a training loop, Grad-CAM, an exported ONNX file) can forget or
+double it, and images stay 1-channel uint8 until they reach the device: 12x less to copy than 3-channel float.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
-import torch
 
-from cxr.errors import CxrError
+from cxr.errors import ConfigError, CxrError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESS_CHOICES = ("clahe", "equalize", "clahe+equalize", "none")
+PREPROCESS_TEXT = "clahe, equalize, clahe+equalize or none"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -106,8 +116,8 @@ def preprocess_image(image: np.ndarray, size: int, method: str = "clahe", clahe_
         image = resize_square(image, size)
     if method == "none":
         return image
-    if method not in ("clahe", "equalize", "clahe+equalize"):
-        raise ValueError(f"--preprocess must be clahe, equalize, clahe+equalize or none, got {method!r}")
+    if method not in PREPROCESS_CHOICES:
+        raise ConfigError(f"--preprocess must be {PREPROCESS_TEXT}, got {method!r}")
     if "equalize" in method:
         image = cv2.equalizeHist(image)
     if "clahe" in method:
@@ -131,17 +141,73 @@ def build_train_augment(strength: float = 1.0, hflip: bool = False) -> A.Compose
     return A.Compose(steps)
 
 
-def normalize_batch(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B,1,H,W] (any device) -> float [B,3,H,W] with ImageNet mean/std, for ImageNet-style trunks."""
-    scale, shift = _normalization_constants(images.device)
-    # (x / 255 - mean) / std as one multiply-add per channel; broadcasting the gray channel makes the 3 copies.
-    batch = torch.addcmul(shift, images.float(), scale)
-    return batch.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+@dataclass(frozen=True)
+class Preprocessing:
+    """What happens to a decoded gray image before the network: resize to `size`, then `preprocess`.
 
+    Frozen and comparable; `as_dict()` uses the key names a cache stores (size, preprocess, clahe_clip,
+    clahe_grid). Invalid values raise ConfigError naming the flag, so a bad --clahe-grid never reaches OpenCV.
+    """
 
-@lru_cache(maxsize=8)
-def _normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel scale and shift on `device`, built once: no host-to-device copy per batch."""
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    scale, shift = 1.0 / (255.0 * std), -mean / std
-    return scale.view(1, 3, 1, 1).to(device), shift.view(1, 3, 1, 1).to(device)
+    size: int
+    preprocess: str = "clahe"
+    clahe_clip: float = 2.0
+    clahe_grid: int = 8
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.size, int) or self.size < 1:
+            problems.append(f"--image-size must be a positive number of pixels, got {self.size!r}")
+        if self.preprocess not in PREPROCESS_CHOICES:
+            problems.append(f"--preprocess must be {PREPROCESS_TEXT}, got {self.preprocess!r}")
+        if not 0 < float(self.clahe_clip) <= 1000:
+            problems.append(f"--clahe-clip must be in (0, 1000], got {self.clahe_clip!r}")
+        if not isinstance(self.clahe_grid, int) or not 1 <= self.clahe_grid <= 64:
+            problems.append(f"--clahe-grid must be 1..64 tiles per side, got {self.clahe_grid!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        object.__setattr__(self, "clahe_clip", float(self.clahe_clip))
+
+    @classmethod
+    def from_config(cls, config: Any) -> Preprocessing:
+        """From a run's Config (or anything with image_size, preprocess, clahe_clip, clahe_grid)."""
+        return cls(int(config.image_size), str(config.preprocess), float(config.clahe_clip), int(config.clahe_grid))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocessing:
+        """From `as_dict()` output or a cache's params.json (extra keys are ignored)."""
+        return cls(int(values["size"]), str(values["preprocess"]), float(values["clahe_clip"]), int(values["clahe_grid"]))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> Preprocessing:
+        """The preprocessing a checkpoint's model was trained with (from its stored config)."""
+        config = checkpoint["config"]
+        return cls(int(config["image_size"]), str(config["preprocess"]), float(config["clahe_clip"]), int(config["clahe_grid"]))
+
+    def __call__(self, gray: np.ndarray) -> np.ndarray:
+        """uint8 [H, W] -> uint8 [size, size]."""
+        return preprocess_image(gray, self.size, self.preprocess, self.clahe_clip, self.clahe_grid)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_size(self, size: int) -> Preprocessing:
+        return replace(self, size=int(size))
+
+    def differences(self, stored: dict) -> list[str]:
+        """'name: cache has X, this run needs Y' for every stored parameter that would change the pixels."""
+        names = list(self.as_dict())
+        if "clahe" not in self.preprocess and "clahe" not in str(stored.get("preprocess")):
+            names = [name for name in names if not name.startswith("clahe_")]  # unused without CLAHE
+        wanted = self.as_dict()
+
+        def same(first: object, second: object) -> bool:
+            numbers = (int, float)
+            return float(first) == float(second) if isinstance(first, numbers) and isinstance(second, numbers) else first == second
+
+        return [f"{name}: cache has {stored.get(name)!r}, this run needs {wanted[name]!r}"
+                for name in names if not same(stored.get(name), wanted[name])]
+
+    def describe(self) -> str:
+        enhance = self.preprocess if "clahe" not in self.preprocess else f"{self.preprocess} (clip {self.clahe_clip:g}, grid {self.clahe_grid})"
+        return f"{self.size} px, {enhance}"

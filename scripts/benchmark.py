@@ -41,18 +41,21 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torchvision.models import densenet121  # noqa: E402
 
-from cxr.cache import CacheError, ImageCache  # noqa: E402
+from cxr.cache import ImageCache  # noqa: E402
 from cxr.cache_build import build_cache  # noqa: E402
 from cxr.config import Config  # noqa: E402
 from cxr.data import ChestXrayDataset, DataError, NihData, find_table, load_nih, locate_images, read_nih_table, table_to_index  # noqa: E402
+from cxr.device import DevicePolicy, configure_cuda, device_policy  # noqa: E402
 from cxr.distributed import DistContext, RankZero  # noqa: E402
-from cxr.engine import DevicePolicy, predict, train_one_epoch  # noqa: E402
-from cxr.factory import build_optimizer, build_scheduler, cache_parameters, device_policy, make_dataset, make_loader, start_epoch  # noqa: E402
+from cxr.engine import predict, train_one_epoch  # noqa: E402
+from cxr.errors import ConfigError, run_main  # noqa: E402
+from cxr.factory import build_optimizer, build_scheduler, make_dataset, make_loader, start_epoch  # noqa: E402
 from cxr.gradcam import GradCAM  # noqa: E402
 from cxr.labels import NUM_CLASSES  # noqa: E402
 from cxr.losses import LabelSmoothedBCE  # noqa: E402
-from cxr.model import CXRNet, build_model, stages_to_unfreeze  # noqa: E402
+from cxr.model import CXRNet, ImageNetNormalization, build_model, stages_to_unfreeze  # noqa: E402
 from cxr.synthetic import generate_synthetic_nih  # noqa: E402
+from cxr.transforms import Preprocessing  # noqa: E402
 
 GOALS: dict[str, tuple[str, float]] = {
     "png_pipeline_vs_decode": (">=", 0.85), "cache_vs_png_pipeline": (">=", 10.0), "train_step_vs_bare": (">=", 0.9),
@@ -99,7 +102,7 @@ def resolve_defaults(args: argparse.Namespace, cuda: bool, cpus: int) -> argpars
     problems = [f"--{name.replace('_', '-')} must be at least {low}" for name, low in minimums.items()
                 if getattr(args, name) < low]
     if problems:
-        raise SystemExit("error: " + "; ".join(problems) + " (batch 2: the head's BatchNorm needs two images)")
+        raise ConfigError("; ".join(problems) + " (batch 2: the head's BatchNorm needs two images)")
     return args
 
 
@@ -236,7 +239,9 @@ class Bench:
     cache: ImageCache
     images: torch.Tensor  # uint8 [B, 1, S, S], pinned on CUDA, as a loader hands it over
     targets: torch.Tensor
-    inputs: torch.Tensor  # the same batch normalized on the device: what the bare code gets
+    inputs: torch.Tensor  # the same batch on the device: what our model takes (it normalizes itself)
+    bare_inputs: torch.Tensor  # the batch ImageNet-normalized to 3 channels: what the bare torchvision model gets
+    preprocessing: Preprocessing
 
     @property
     def device(self) -> torch.device:
@@ -244,12 +249,14 @@ class Bench:
 
     def dataset(self, rows: np.ndarray, cached: bool) -> ChestXrayDataset:
         """The trainer's augmented training dataset over `rows` of the benchmark files."""
-        return training_dataset(self.config, self.data, rows, self.cache if cached else None)
+        return training_dataset(self.config, self.preprocessing, self.data, rows, self.cache if cached else None)
 
 
-def training_dataset(config: Config, data: NihData, rows: np.ndarray, cache: ImageCache | None) -> ChestXrayDataset:
+def training_dataset(config: Config, preprocessing: Preprocessing, data: NihData, rows: np.ndarray,
+                     cache: ImageCache | None) -> ChestXrayDataset:
     """make_dataset's training dataset (with augmentation) over index rows of our choice; rows may repeat."""
-    return make_dataset(config, dataclasses.replace(data, splits={"train": rows}), "train", train=True, cache=cache)
+    return make_dataset(config, dataclasses.replace(data, splits={"train": rows}), "train", preprocessing, train=True,
+                        cache=cache)
 
 
 def set_up(args: argparse.Namespace, device: torch.device, workdir: Path, figures: dict) -> Bench:
@@ -259,20 +266,23 @@ def set_up(args: argparse.Namespace, device: torch.device, workdir: Path, figure
                     image_size=args.image_size, batch_size=args.batch_size, workers=args.workers, device=device.type,
                     unfreeze="all", weights="none")
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
-    policy = device_policy(config, ctx)
+    policy = device_policy(config, device)
+    preprocessing = Preprocessing.from_config(config)
     data = load_nih(files_dir, skip_missing=True, split="random")
     started = time.perf_counter()  # worker processes start in seconds (forkserver): only worth it for many files
-    build_cache(files_dir, config.cache_dir, config.image_size, config.preprocess, config.clahe_clip, config.clahe_grid,
+    build_cache(files_dir, config.cache_dir, preprocessing,
                 workers=max(1, min(args.workers, len(data.index) // 500)), skip_missing=True, progress=False)
     figures["cache_build_seconds"] = time.perf_counter() - started
     figures["benchmark_files"] = len(data.index)
-    cache = ImageCache.open(config.cache_dir, expected=cache_parameters(config))
-    batch_set = training_dataset(config, data, np.resize(np.arange(len(data.index)), args.batch_size), cache)
+    cache = ImageCache.open(config.cache_dir, expected=preprocessing)
+    batch_set = training_dataset(config, preprocessing, data, np.resize(np.arange(len(data.index)), args.batch_size), cache)
     batch_set.reseed(0)
     images, targets, _ = next(iter(torch.utils.data.DataLoader(batch_set, batch_size=args.batch_size)))
     if device.type == "cuda":
         images, targets = images.pin_memory(), targets.pin_memory()
-    return Bench(args, ctx, config, policy, data, cache, images, targets, policy.inputs(images))
+    inputs = policy.inputs(images)
+    bare_inputs = ImageNetNormalization().to(device)(inputs).contiguous(memory_format=policy.memory_format)
+    return Bench(args, ctx, config, policy, data, cache, images, targets, inputs, bare_inputs, preprocessing)
 
 
 def measure_image_pipelines(bench: Bench) -> dict[str, float]:
@@ -301,7 +311,7 @@ def measure_training(bench: Bench, trainer: Callable[..., dict]) -> dict[str, fl
     targets = bench.targets.to(bench.device)
 
     def bare_steps(count: int) -> None:
-        bare_train_steps(bare, optimizer, scaler, bench.inputs, targets, bench.policy.amp_dtype, count)
+        bare_train_steps(bare, optimizer, scaler, bench.bare_inputs, targets, bench.policy.amp_dtype, count)
 
     def ours(count: int) -> None:
         trainer([(bench.images, bench.targets, None)] * count, count)
@@ -459,22 +469,20 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, run every benchmark, print the table, write the JSON; returns the exit code."""
-    args = parse_args(argv)
+    """Parse flags, run every benchmark, print the table, write the JSON; returns the exit code (2: bad input)."""
+    return run_main(lambda: benchmark(parse_args(argv)), error_status=2)
+
+
+def benchmark(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: CUDA is not available here; use --device cpu", file=sys.stderr)
-        return 2
+        raise ConfigError("--device cuda: CUDA is not available here; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")  # the first visible GPU
     resolve_defaults(args, cuda, cpu_count())
     if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-    try:
-        with tempfile.TemporaryDirectory(prefix="cxr-benchmark-") as workdir:
-            report = run(args, device, Path(workdir))
-    except (DataError, CacheError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        configure_cuda()  # the trainer's CUDA settings (device_policy applies them too)
+    with tempfile.TemporaryDirectory(prefix="cxr-benchmark-") as workdir:
+        report = run(args, device, Path(workdir))
     print(format_report(report), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -15,11 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.data import DataError  # noqa: E402
+from cxr.errors import ConfigError, run_main  # noqa: E402
 from cxr.preflight import format_report, preflight  # noqa: E402
+from cxr.rundir import describe_os_error  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: check(argv), error_status=2)
+
+
+def check(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="folder with Data_Entry_2017.csv and the images")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
@@ -29,14 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="auto", choices=("auto", "official", "random"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        report = preflight(args.data_dir, args.skip_missing, args.decode, args.workers, args.split, seed=args.seed)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    report = preflight(args.data_dir, args.skip_missing, args.decode, args.workers, args.split, seed=args.seed)
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        try:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        except OSError as error:
+            raise ConfigError(f"--json: {describe_os_error(error, args.json)}") from error
         print(f"JSON report: {args.json}")
     broken = bool(report["unreadable"]) or (report["images_missing"] > 0 and not args.skip_missing)
     return 1 if broken else 0

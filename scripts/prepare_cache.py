@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr.cache import CacheError  # noqa: E402
 from cxr.cache_build import CacheBuildError, build_cache  # noqa: E402
-from cxr.config import PREPROCESS_CHOICES  # noqa: E402
+from cxr.errors import CxrError  # noqa: E402
+from cxr.transforms import PREPROCESS_CHOICES, Preprocessing  # noqa: E402
 
 
 def format_summary(summary: dict) -> str:
@@ -52,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        summary = build_cache(args.data_dir, args.out, args.size, args.preprocess, args.clahe_clip, args.clahe_grid,
-                              workers=args.workers, skip_missing=args.skip_missing, progress=not args.no_progress)
+        preprocessing = Preprocessing(args.size, args.preprocess, args.clahe_clip, args.clahe_grid)
+        summary = build_cache(args.data_dir, args.out, preprocessing, workers=args.workers,
+                              skip_missing=args.skip_missing, progress=not args.no_progress)
     except CacheBuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (CacheError, ValueError) as error:  # DataError is a ValueError: bad folder, table or flag
-        print(f"error: {error}", file=sys.stderr)
+    except CxrError as error:  # bad folder, table or flag
+        message = str(error).replace("--image-size", "--size")  # this script calls the image size --size
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: progress is saved in {args.out}; run the same command again to finish the cache",

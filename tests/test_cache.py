@@ -18,11 +18,11 @@ from cxr.cache import COMPLETE_MARKER, CacheError, CacheMissError, ImageCache
 from cxr.cache_build import CacheBuildError, build_cache
 from cxr.data import ChestXrayDataset, DataError, load_nih
 from cxr.synthetic import generate_synthetic_nih
-from cxr.transforms import build_train_augment, preprocess_image, read_xray
+from cxr.transforms import Preprocessing, build_train_augment, preprocess_image, read_xray
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 48  # not the PNGs' 64 px, so the resize is part of what must match
-PARAMS = {"size": SIZE, "preprocess": "clahe", "clahe_clip": 2.0, "clahe_grid": 8}
+PARAMS = Preprocessing(SIZE, "clahe", 2.0, 8)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def nih_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def built_cache(nih_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     cache_dir = tmp_path_factory.mktemp("cache") / "nih-48"
-    summary = build_cache(nih_dir, cache_dir, SIZE, workers=2, progress=False)  # the multiprocessing path
+    summary = build_cache(nih_dir, cache_dir, PARAMS, workers=2, progress=False)  # the multiprocessing path
     return cache_dir, summary
 
 
@@ -86,21 +86,20 @@ def test_cache_equals_png_pipeline_bit_for_bit(nih_dir: Path, built_cache: tuple
                                                           (40, "none", 2.0, 8)])
 def test_other_preprocessing_round_trips(nih_dir: Path, tmp_path: Path, size: int, preprocess: str, clip: float,
                                          grid: int) -> None:
-    build_cache(nih_dir, tmp_path / "cache", size, preprocess, clip, grid, workers=1, progress=False)
-    cache = ImageCache.open(tmp_path / "cache", expected={"size": size, "preprocess": preprocess, "clahe_clip": clip,
-                                                          "clahe_grid": grid})
+    build_cache(nih_dir, tmp_path / "cache", Preprocessing(size, preprocess, clip, grid), workers=1, progress=False)
+    cache = ImageCache.open(tmp_path / "cache", expected=Preprocessing(size, preprocess, clip, grid))
     for path in png_paths(nih_dir)[::5]:
         np.testing.assert_array_equal(cache.get(path.name), png_pipeline(path, size, preprocess, clip, grid))
     if "clahe" not in preprocess:  # CLAHE settings do not change these pixels, so they are no mismatch
-        assert len(ImageCache.open(tmp_path / "cache", expected={"preprocess": preprocess, "clahe_clip": clip + 1})) == len(cache)
+        assert len(ImageCache.open(tmp_path / "cache", expected=Preprocessing(size, preprocess, clip + 1, grid))) == len(cache)
 
 
 def test_dataset_with_cache_yields_the_same_tensors(nih_dir: Path, built_cache: tuple[Path, dict]) -> None:
     data = load_nih(nih_dir)
     rows = data.splits["train"]
     cache = ImageCache.open(built_cache[0], expected=PARAMS)
-    plain = ChestXrayDataset(data.index, rows, SIZE, "clahe")
-    cached = ChestXrayDataset(data.index, rows, SIZE, "clahe", cache=cache)
+    plain = ChestXrayDataset(data.index, rows, PARAMS)
+    cached = ChestXrayDataset(data.index, rows, PARAMS, cache=cache)
     for position in range(len(plain)):
         (plain_image, plain_labels, plain_position), (image, labels, cached_position) = plain[position], cached[position]
         assert image.dtype == torch.uint8 and image.shape == (1, SIZE, SIZE)
@@ -108,7 +107,7 @@ def test_dataset_with_cache_yields_the_same_tensors(nih_dir: Path, built_cache: 
     # DataLoader workers re-open the map in their own process.
     batches = list(DataLoader(cached, batch_size=4, num_workers=2))
     assert torch.equal(torch.cat([batch[0] for batch in batches]), torch.stack([plain[i][0] for i in range(len(plain))]))
-    augmented = ChestXrayDataset(data.index, rows, SIZE, "clahe", augment=build_train_augment(1.0), cache=cache)
+    augmented = ChestXrayDataset(data.index, rows, PARAMS, augment=build_train_augment(1.0), cache=cache)
     augmented.reseed(0)
     assert augmented[0][0].shape == (1, SIZE, SIZE)
 
@@ -149,14 +148,14 @@ def test_interrupted_build_resumes_with_only_the_remaining_rows(nih_dir: Path, t
 
     monkeypatch.setattr(cache_module, "read_xray", interrupted_read)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(nih_dir, cache_dir, SIZE, workers=1, chunk_rows=4, progress=False)
+        build_cache(nih_dir, cache_dir, PARAMS, workers=1, chunk_rows=4, progress=False)
     done = np.load(cache_dir / "done.npy")
     assert done.sum() == 8 and not (cache_dir / COMPLETE_MARKER).exists()
     with pytest.raises(CacheError, match=rf"not complete \(8 of {count} images cached\).*prepare_cache.py .*to finish it"):
         ImageCache.open(cache_dir)
 
     decoded = record_decodes(monkeypatch)
-    summary = build_cache(nih_dir, cache_dir, SIZE, workers=1, chunk_rows=4, progress=False)
+    summary = build_cache(nih_dir, cache_dir, PARAMS, workers=1, chunk_rows=4, progress=False)
     names = np.load(cache_dir / "index.npy")
     assert sorted(Path(path).name for path in decoded) == sorted(names[~done])
     assert (summary["decoded"], summary["already_done"], summary["complete"]) == (count - 8, 8, True)
@@ -164,7 +163,7 @@ def test_interrupted_build_resumes_with_only_the_remaining_rows(nih_dir: Path, t
     for path in png_paths(nih_dir):
         np.testing.assert_array_equal(cache.get(path.name), png_pipeline(path))
     decoded.clear()
-    assert build_cache(nih_dir, cache_dir, SIZE, workers=1, progress=False)["decoded"] == 0 and decoded == []
+    assert build_cache(nih_dir, cache_dir, PARAMS, workers=1, progress=False)["decoded"] == 0 and decoded == []
 
 
 def test_corrupt_png_is_named_and_the_cache_stays_incomplete(own_nih_dir: Path, tmp_path: Path,
@@ -175,7 +174,7 @@ def test_corrupt_png_is_named_and_the_cache_stays_incomplete(own_nih_dir: Path, 
     original = bad.read_bytes()
     bad.write_bytes(original[:40])  # truncated mid-stream, as after an interrupted download
     with pytest.raises(CacheBuildError) as caught:
-        build_cache(own_nih_dir, cache_dir, SIZE, workers=2, progress=False)
+        build_cache(own_nih_dir, cache_dir, PARAMS, workers=2, progress=False)
     message = str(caught.value)
     assert f"{bad}: not a decodable image" in message and f"1 of {count} images could not be decoded" in message
     assert "NOT complete" in message and "run the same command again" in message
@@ -187,7 +186,7 @@ def test_corrupt_png_is_named_and_the_cache_stays_incomplete(own_nih_dir: Path, 
 
     bad.write_bytes(original)  # fixed: the re-run decodes that one image and completes the cache
     decoded = record_decodes(monkeypatch)
-    assert build_cache(own_nih_dir, cache_dir, SIZE, workers=1, progress=False)["decoded"] == 1
+    assert build_cache(own_nih_dir, cache_dir, PARAMS, workers=1, progress=False)["decoded"] == 1
     assert decoded == [str(bad)]
     np.testing.assert_array_equal(ImageCache.open(cache_dir).get(bad.name), png_pipeline(bad))
 
@@ -195,7 +194,7 @@ def test_corrupt_png_is_named_and_the_cache_stays_incomplete(own_nih_dir: Path, 
 def test_parameter_mismatch_names_each_parameter_with_both_values(nih_dir: Path, built_cache: tuple[Path, dict]) -> None:
     cache_dir = built_cache[0]
     with pytest.raises(CacheError) as caught:
-        ImageCache.open(cache_dir, expected={**PARAMS, "size": 224, "clahe_clip": 3.0})
+        ImageCache.open(cache_dir, expected=Preprocessing(224, "clahe", 3.0, 8))
     message = str(caught.value)
     assert "size: cache has 48, this run needs 224" in message
     assert "clahe_clip: cache has 2.0, this run needs 3.0" in message
@@ -203,13 +202,14 @@ def test_parameter_mismatch_names_each_parameter_with_both_values(nih_dir: Path,
     assert f"prepare_cache.py --data-dir {nih_dir.resolve()} --out {cache_dir}-224px-clahe --size 224 --preprocess clahe " \
            "--clahe-clip 3.0 --clahe-grid 8" in message
     # The same values spelled as other types are no mismatch.
-    assert ImageCache.open(cache_dir, expected={"size": 48.0, "preprocess": "clahe", "clahe_clip": 2, "clahe_grid": 8}).params["size"] == 48
+    same = Preprocessing.from_dict({"size": 48.0, "preprocess": "clahe", "clahe_clip": 2, "clahe_grid": 8})
+    assert ImageCache.open(cache_dir, expected=same).params["size"] == 48
     with pytest.raises(CacheError, match="preprocess: cache has 'clahe', this run needs 'none'; clahe_clip: cache has 2.0"):
-        ImageCache.open(cache_dir, expected={**PARAMS, "preprocess": "none", "clahe_clip": 9.0})
+        ImageCache.open(cache_dir, expected=Preprocessing(SIZE, "none", 9.0, 8))
     # Building into the folder with other parameters is refused, not mixed.
     with pytest.raises(CacheError, match="already holds a cache built with other parameters "
                                          r"\(preprocess: cache has 'clahe', this run needs 'equalize'\)"):
-        build_cache(nih_dir, cache_dir, SIZE, preprocess="equalize", workers=1, progress=False)
+        build_cache(nih_dir, cache_dir, Preprocessing(SIZE, "equalize"), workers=1, progress=False)
 
 
 def test_folder_errors_say_what_to_do(own_nih_dir: Path, tmp_path: Path) -> None:
@@ -219,13 +219,13 @@ def test_folder_errors_say_what_to_do(own_nih_dir: Path, tmp_path: Path) -> None
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="is not empty and is not an image cache .*notes.txt"):
-        build_cache(own_nih_dir, stranger, SIZE, workers=1, progress=False)
+        build_cache(own_nih_dir, stranger, PARAMS, workers=1, progress=False)
     count = len(png_paths(own_nih_dir))
     missing = png_paths(own_nih_dir)[0]
     missing.unlink()
     with pytest.raises(DataError, match=f"1 of {count} images .*{missing.name}.*--skip-missing"):
-        build_cache(own_nih_dir, tmp_path / "cache", SIZE, workers=1, progress=False)
-    summary = build_cache(own_nih_dir, tmp_path / "cache", SIZE, workers=1, skip_missing=True, progress=False)
+        build_cache(own_nih_dir, tmp_path / "cache", PARAMS, workers=1, progress=False)
+    summary = build_cache(own_nih_dir, tmp_path / "cache", PARAMS, workers=1, skip_missing=True, progress=False)
     assert summary["images"] == count - 1
     with pytest.raises(CacheMissError):
         ImageCache.open(tmp_path / "cache").get(missing.name)

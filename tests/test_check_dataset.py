@@ -108,6 +108,7 @@ def sample_label_counts(nih_sample: Path, names: list[str]) -> tuple[dict[str, i
 
 
 # ----------------------------------------------------------------------------------------------- the real sample
+@pytest.mark.slow
 def test_real_sample_with_skip_missing(cli_runs, nih_sample: Path, nih_sample_images: list[str]) -> None:
     run = cli_runs["real_skip"].finish()
     assert run.returncode == 0, run.stderr
@@ -130,6 +131,7 @@ def test_real_sample_with_skip_missing(cli_runs, nih_sample: Path, nih_sample_im
     assert "WARNING" not in run.stdout
 
 
+@pytest.mark.slow
 def test_real_sample_without_skip_missing_fails_with_a_warning(cli_runs, nih_sample: Path) -> None:
     run = cli_runs["real_strict"].finish()
     assert run.returncode == 1, run.stderr
@@ -142,6 +144,7 @@ def test_real_sample_without_skip_missing_fails_with_a_warning(cli_runs, nih_sam
 
 
 # ----------------------------------------------------------------------------------------------- broken data
+@pytest.mark.slow
 @pytest.mark.parametrize("name, decoded", [("truncated", False), ("truncated_decode", True)])
 def test_truncated_png_is_reported_and_fails(cli_runs, truncated_copy: Path, name: str, decoded: bool) -> None:
     run = cli_runs[name].finish()
@@ -159,6 +162,7 @@ def test_truncated_png_is_reported_and_fails(cli_runs, truncated_copy: Path, nam
     assert "WARNING" not in run.stdout
 
 
+@pytest.mark.slow
 def test_absent_data_dir_exits_2_naming_it(cli_runs) -> None:
     run = cli_runs["absent"].finish()
     assert run.returncode == 2

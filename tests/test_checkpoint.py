@@ -1,9 +1,8 @@
-"""Tests for cxr.checkpoint: atomic save, strict loading, unwrapping, state copies, RNG state, path lookup."""
+"""Tests for cxr.checkpoint: atomic save, strict loading, the schema and its version, unwrapping, state copies, path lookup."""
 
 from __future__ import annotations
 
 import os
-import random
 import time
 from pathlib import Path
 
@@ -14,14 +13,16 @@ import torch.distributed as dist
 from torch import nn
 
 from cxr.checkpoint import (
+    SCHEMA_VERSION,
     CheckpointError,
-    capture_rng_state,
+    build_checkpoint,
     find_latest_best,
     load_checkpoint,
     model_state_for_saving,
     resolve_checkpoint_path,
-    restore_rng_state,
+    restore_checkpoint,
     save_checkpoint,
+    save_epoch_checkpoints,
     unwrap_model,
 )
 
@@ -32,7 +33,8 @@ def tiny_model() -> nn.Module:
 
 
 def cxr_state(model: nn.Module) -> dict:
-    return {"model": model_state_for_saving(model), "config": {"lr": 1e-3, "name": "demo", "note": None}, "epoch": 2}
+    return {"schema_version": SCHEMA_VERSION, "model": model_state_for_saving(model),
+            "config": {"lr": 1e-3, "name": "demo", "note": None}, "epoch": 2}
 
 
 class WritesMarkerWhenUnpickled:
@@ -48,7 +50,6 @@ class WritesMarkerWhenUnpickled:
 def test_round_trip_with_weights_only(tmp_path: Path) -> None:
     model = tiny_model()
     state = cxr_state(model)
-    state["rng"] = capture_rng_state()
     path = save_checkpoint(state, tmp_path / "run" / "last.pt")
     loaded = load_checkpoint(path)
     assert loaded["config"] == {"lr": 1e-3, "name": "demo", "note": None} and loaded["epoch"] == 2
@@ -60,7 +61,7 @@ def test_round_trip_with_weights_only(tmp_path: Path) -> None:
 
 def test_failure_mid_save_keeps_previous_file_and_removes_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "last.pt"
-    save_checkpoint({"model": {"w": torch.ones(2)}, "config": {"epoch": 1}}, path)
+    save_checkpoint({"schema_version": SCHEMA_VERSION, "model": {"w": torch.ones(2)}, "config": {"epoch": 1}}, path)
 
     def partial_save(obj, handle, *args, **kwargs):
         handle.write(b"PK\x03\x04 half a zip")
@@ -68,7 +69,7 @@ def test_failure_mid_save_keeps_previous_file_and_removes_temp(tmp_path: Path, m
 
     monkeypatch.setattr(torch, "save", partial_save)
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {"epoch": 2}}, path)
+        save_checkpoint({"schema_version": SCHEMA_VERSION, "model": {"w": torch.zeros(2)}, "config": {"epoch": 2}}, path)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["last.pt"]
     loaded = load_checkpoint(path)
@@ -159,19 +160,81 @@ def test_saved_state_does_not_alias_the_live_model() -> None:
     assert not torch.equal(saved["1.running_mean"], model.state_dict()["1.running_mean"])
 
 
-def test_rng_state_round_trip_reproduces_draws(tmp_path: Path) -> None:
-    def draws() -> tuple:
-        return random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist()
+def test_other_schema_versions_are_refused_naming_both(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    save_checkpoint({"model": {}, "config": {}}, path)  # the first release wrote no version: version 1
+    with pytest.raises(CheckpointError, match=rf"{path} uses checkpoint schema version 1, this code reads version "
+                                              rf"{SCHEMA_VERSION}: it was written by an older version of cxr"):
+        load_checkpoint(path)
+    save_checkpoint({"schema_version": SCHEMA_VERSION + 1, "model": {}, "config": {}}, path)
+    with pytest.raises(CheckpointError, match=rf"version {SCHEMA_VERSION + 1}, this code reads .*a newer version"):
+        load_checkpoint(path)
 
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    random.gauss(0, 1)  # leaves a cached gaussian in python's state
-    np.random.randn()  # and maybe in numpy's
-    save_checkpoint({"model": {}, "config": {}, "rng": capture_rng_state()}, tmp_path / "rng.pt")
-    expected = draws()
-    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])  # also proves weights_only can load it
-    assert draws() == expected
+
+def training_objects(model: nn.Module):
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    return optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
+
+
+def test_build_and_restore_round_trip_every_part(tmp_path: Path) -> None:
+    model = tiny_model()
+    optimizer, scheduler, scaler = training_objects(model)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    counters = {"epoch": 3, "global_step": 30, "best_metric": 0.7, "best_epoch": 1, "bad_epochs": 1,
+                "history": [{"epoch": 1}]}
+    state = build_checkpoint(model, optimizer, scheduler, scaler, config={"lr": 0.01}, phase=2, counters=counters,
+                             val_aurocs=np.array([0.5, 0.75]))
+    assert state["schema_version"] == SCHEMA_VERSION and state["phase"] == 2 and state["val_aurocs"] == [0.5, 0.75]
+    save_checkpoint(state, tmp_path / "last.pt")
+    fresh = tiny_model()
+    torch.nn.init.zeros_(fresh[0].weight)
+    fresh_optimizer, fresh_scheduler, fresh_scaler = training_objects(fresh)
+    restored = restore_checkpoint(load_checkpoint(tmp_path / "last.pt"), fresh, fresh_optimizer, fresh_scheduler, fresh_scaler)
+    assert restored == counters
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor)
+    assert fresh_scheduler.last_epoch == 3 and fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(ValueError, match="counters lack"):
+        build_checkpoint(model, optimizer, scheduler, scaler, config={}, phase=1, counters={"epoch": 1})
+
+
+def test_best_is_the_same_file_as_last_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (saves.append(1), real_save(*args, **kwargs)))
+    state = cxr_state(tiny_model())
+    save_epoch_checkpoints({**state, "epoch": 1}, tmp_path, improved=True)
+    assert len(saves) == 1  # serialized once for both files
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
+    save_epoch_checkpoints({**state, "epoch": 2}, tmp_path, improved=False)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2 and load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+
+
+def test_best_is_never_older_than_last_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between the two renames: best.pt is already the new best, last.pt still the previous epoch."""
+    state = cxr_state(tiny_model())
+    save_epoch_checkpoints({**state, "epoch": 1, "best_epoch": 0}, tmp_path, improved=True)
+    real_replace = os.replace
+
+    def killed_before_last(source, target):
+        if Path(target).name == "last.pt":
+            raise KeyboardInterrupt  # the process dies here
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_before_last)
+    with pytest.raises(KeyboardInterrupt):
+        save_epoch_checkpoints({**state, "epoch": 2, "best_epoch": 1}, tmp_path, improved=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert (last["epoch"], best["epoch"]) == (1, 2)  # best >= what last.pt records: never stale
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # the temporary file is gone
 
 
 def test_resolve_checkpoint_path(tmp_path: Path) -> None:

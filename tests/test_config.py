@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cxr.config import DEMO_PRESET, Config, build_parser, parse_config
+from cxr.errors import ConfigError
 
 
 def write_yaml(tmp_path: Path, text: str) -> str:
@@ -92,17 +93,19 @@ def test_yaml_numbers_become_the_field_type(tmp_path: Path) -> None:
     ("epochs: 2.5\n", "epochs: expected int, got 2.5"),
     ("hflip: sometimes\n", "hflip: expected bool, got 'sometimes'"),
     ("views: LL\n", "views: must be one of both, PA, AP, got 'LL'"),
+    ("output_stride: 4\n", "output_stride: must be one of 32, 16, 8, got 4"),
+    ("1: 2\n", "option names must be text, got 1; see train.py --help"),
     ("- epochs\n", "expected a mapping of option: value"),
     ("epochs: [1\n", "not valid YAML"),
 ])
 def test_bad_yaml_is_rejected_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = write_yaml(tmp_path, text)
-    with pytest.raises(SystemExit, match=re.escape(f"error: --config {path}: {message}")):
+    with pytest.raises(ConfigError, match=re.escape(f"--config {path}: {message}")):
         parse_config(["--config", path])
 
 
 def test_missing_yaml_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=re.escape(f"error: --config {tmp_path / 'none.yaml'}: no such file")):
+    with pytest.raises(ConfigError, match=re.escape(f"--config {tmp_path / 'none.yaml'}: no such file")):
         parse_config(["--config", str(tmp_path / "none.yaml")])
 
 
@@ -127,12 +130,26 @@ def test_to_dict_from_dict_round_trip() -> None:
     (["--lr", "0"], "--lr must be positive"),
     (["--hidden", "512,x"], "--hidden must be comma-separated integers, got '512,x'"),
     (["--workers", "-1"], "--workers must be >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0 (0: off), got -1.0"),
+    (["--hidden", "0"], "--hidden sizes must be at least 1 (empty for one linear layer), got '0'"),
+    (["--log-every", "0"], "--log-every must be at least 1 step, got 0"),
+    (["--clahe-grid", "0"], "--clahe-grid must be 1..64 tiles per side, got 0"),
+    (["--clahe-clip", "0"], "--clahe-clip must be in (0, 1000], got 0.0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--lr", "nan"], "--lr, --grad-clip, --weight-decay and --dropout must be finite numbers"),
 ])
 def test_validation_names_the_flag(argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(["--data-dir", "d", *argv])
 
 
 def test_unfreeze_accepts_all_and_block_counts() -> None:
     assert parse_config(["--data-dir", "d", "--unfreeze", "all"]).unfreeze == "all"
     assert parse_config(["--data-dir", "d", "--unfreeze", "4"]).unfreeze == "4"
+
+
+def test_non_utf8_yaml_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("data_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=re.escape(f"--config {path}: not UTF-8 text (byte 13); save it as UTF-8")):
+        parse_config(["--config", str(path)])

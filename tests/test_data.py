@@ -27,7 +27,7 @@ from cxr.data import (
     table_to_index,
 )
 from cxr.labels import FINDINGS
-from cxr.transforms import build_train_augment
+from cxr.transforms import Preprocessing, build_train_augment
 
 # Facts of the full table, from shared/data/nih-sample/README.md (not computed by the code under test).
 REAL_LABEL_COUNTS = {
@@ -353,7 +353,7 @@ def test_one_deleted_image_is_named(synthetic_copy: Path) -> None:
 def test_dataset_items_are_uint8_images_labels_and_positions(synthetic_nih: Path) -> None:
     data = load_nih(synthetic_nih)
     rows = data.splits["test"]
-    dataset = ChestXrayDataset(data.index, rows, image_size=48, preprocess="clahe")
+    dataset = ChestXrayDataset(data.index, rows, Preprocessing(48, "clahe"))
     assert len(dataset) == len(rows) == len(read_list(synthetic_nih / "test_list.txt"))
     for position in (0, len(dataset) - 1):
         image, labels, returned = dataset[position]
@@ -367,8 +367,8 @@ def test_dataset_items_are_uint8_images_labels_and_positions(synthetic_nih: Path
 
 def test_dataset_augmentation_keeps_shape_and_changes_pixels(synthetic_nih: Path) -> None:
     data = load_nih(synthetic_nih)
-    plain = ChestXrayDataset(data.index, data.splits["train"], image_size=64, preprocess="none")
-    augmented = ChestXrayDataset(data.index, data.splits["train"], image_size=64, preprocess="none",
+    plain = ChestXrayDataset(data.index, data.splits["train"], Preprocessing(64, "none"))
+    augmented = ChestXrayDataset(data.index, data.splits["train"], Preprocessing(64, "none"),
                                  augment=build_train_augment(1.0))
     augmented.reseed(0)
     images = [augmented[position][0] for position in range(4)]
@@ -379,7 +379,7 @@ def test_dataset_augmentation_keeps_shape_and_changes_pixels(synthetic_nih: Path
 def test_real_sample_dataset_decodes_and_resizes(real_sample_data: NihData) -> None:
     data = real_sample_data
     rows = np.flatnonzero(data.index.image_names == "00000100_000.png")  # the RGBA one
-    image, labels, position = ChestXrayDataset(data.index, rows, image_size=128)[0]
+    image, labels, position = ChestXrayDataset(data.index, rows, Preprocessing(128))[0]
     assert image.shape == (1, 128, 128) and image.dtype == torch.uint8 and position == 0
     assert torch.equal(labels, torch.from_numpy(data.index.labels[rows[0]]))
 

@@ -24,9 +24,10 @@ from cxr.distributed import (
     broadcast_object,
     cleanup_distributed,
     gather_predictions,
-    seed_everything,
     setup_distributed,
 )
+from cxr.errors import ConfigError
+from cxr.seeding import seed_everything
 
 TOTAL_SAMPLES = 7  # odd, so DistributedSampler pads 2 ranks to 8
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -91,7 +92,7 @@ def test_single_process_setup_without_torchrun(no_torchrun_env: None) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
 def test_cuda_without_cuda_names_the_flag(no_torchrun_env: None) -> None:
-    with pytest.raises(RuntimeError, match="--device cuda was given but CUDA is not available"):
+    with pytest.raises(ConfigError, match="--device cuda was given but CUDA is not available"):
         setup_distributed("cuda")
     assert setup_distributed("auto").device == torch.device("cpu")
 

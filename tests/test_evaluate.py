@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cxr.data import load_nih
 from cxr.labels import FINDINGS
@@ -20,6 +21,7 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray]:
     return [row["Image Index"] for row in rows], np.array([[float(row[name]) for name in FINDINGS] for row in rows])
 
 
+@pytest.mark.slow
 def test_cli_writes_every_output(tiny_run, tmp_path):
     out = tmp_path / "eval"
     result = run_cli(["evaluate.py", "--checkpoint", str(tiny_run["best"]), "--bootstrap", "50", "--workers", "0",
@@ -48,6 +50,7 @@ def test_cli_writes_every_output(tiny_run, tmp_path):
     assert list((tiny_run["dir"] / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_torchrun_predicts_each_image_exactly_once(tiny_run, tmp_path):
     data_dir = tmp_path / "odd"
     shutil.copytree(tiny_run["data_dir"], data_dir)
@@ -68,6 +71,7 @@ def test_torchrun_predicts_each_image_exactly_once(tiny_run, tmp_path):
     np.testing.assert_allclose(probabilities_1, probabilities_2, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_missing_and_broken_checkpoints_are_named(tmp_path):
     result = run_cli([str(Path(__file__).resolve().parents[1] / "evaluate.py")], cwd=tmp_path)
     assert result.returncode == 1 and "train first: python train.py" in result.stderr

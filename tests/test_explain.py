@@ -21,6 +21,7 @@ def green_pixels(path: Path) -> int:
     return int((picture == GREEN).all(axis=-1).sum())
 
 
+@pytest.mark.slow
 def test_real_sample_images_with_ground_truth_boxes(tiny_run, nih_sample, nih_sample_images, tmp_path):
     out = tmp_path / "explain"
     result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(nih_sample / "images"), "--out", str(out),
@@ -45,6 +46,7 @@ def test_real_sample_images_with_ground_truth_boxes(tiny_run, nih_sample, nih_sa
     assert green_pixels(out / "00000100_000_Cardiomegaly.png") == 0 and "00000100_000.png" not in truth
 
 
+@pytest.mark.slow
 def test_top3_on_dataset_split(tiny_run, tmp_path):
     out = tmp_path / "split"
     result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), "--split", "test", "--limit", "3", "--out", str(out)])
@@ -61,6 +63,7 @@ def test_top3_on_dataset_split(tiny_run, tmp_path):
         assert [item["finding"] for item in entry["ground_truth"]] == [finding for finding, _ in truth.get(name, [])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_dicom_input(tiny_run, tmp_path, photometric):
     pytest.importorskip("pydicom")
@@ -93,6 +96,7 @@ def test_dicom_input(tiny_run, tmp_path, photometric):
     assert (tmp_path / "out" / f"{photometric}_Effusion.png").is_file()
 
 
+@pytest.mark.slow
 def test_localization_report(tiny_run, tmp_path):
     boxes = tiny_run["data_dir"] / "BBox_List_2017.csv"
     truth = read_box_list(boxes)
@@ -113,6 +117,7 @@ def test_localization_report(tiny_run, tmp_path):
     assert "Overall" in result.stdout and "boxes by split" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_named(tiny_run, tmp_path):
     result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(tmp_path / "absent.png")])
     assert result.returncode == 1 and "absent.png: no such image file or folder" in result.stderr

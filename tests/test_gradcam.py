@@ -60,7 +60,7 @@ class CXRNetWithFinalReLU(CXRNet):
         self.final_relu = nn.ReLU()
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.final_relu(self.features(images))
+        return self.final_relu(self.features(self.normalize(images)))
 
 
 def normalised(array: np.ndarray) -> np.ndarray:
@@ -107,7 +107,7 @@ def cxrnet() -> CXRNet:
 
 @pytest.fixture(scope="module")
 def xray_batch() -> torch.Tensor:
-    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    return torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2)) * 255  # gray, as the model takes
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])

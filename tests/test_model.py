@@ -8,13 +8,23 @@ import pytest
 import torch
 from torchvision.models import DenseNet121_Weights, densenet121
 
-from cxr.model import STAGES, WeightsUnavailableError, build_model, load_weights_file, stages_to_unfreeze
+from cxr.errors import ConfigError
+from cxr.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STAGES,
+    ImageNetNormalization,
+    WeightsUnavailableError,
+    build_model,
+    load_weights_file,
+    stages_to_unfreeze,
+)
 
 
 def test_forward_returns_logits_and_exposes_features():
     torch.manual_seed(0)
     model = build_model("none", hidden=(32,)).eval()
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.rand(2, 1, 64, 64) * 255
     features = model.forward_features(images)
     assert features.shape == (2, 1024, 2, 2) and (features >= 0).all()
     logits = model(images)
@@ -31,7 +41,7 @@ def test_dilated_trunk_is_the_standard_one_sampled_finer(output_stride):
     standard = build_model("none").eval()
     dilated = build_model("none", output_stride=output_stride).eval()
     dilated.load_state_dict(standard.state_dict())  # same parameters: dilation changes no weight
-    images = torch.randn(2, 3, 96, 96)
+    images = torch.rand(2, 1, 96, 96) * 255
     with torch.no_grad():
         coarse, fine = standard.forward_features(images), dilated.forward_features(images)
     step = 32 // output_stride
@@ -79,7 +89,7 @@ def test_our_checkpoint_loads_as_weights(tmp_path):
 
 
 def test_bad_weight_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"--weights .*missing.pth: no such file"):
+    with pytest.raises(ConfigError, match=r"--weights .*missing.pth: no such file"):
         build_model(str(tmp_path / "missing.pth"))
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, other)
@@ -94,3 +104,31 @@ def test_offline_imagenet_download_says_how_to_pass_a_file(monkeypatch):
     monkeypatch.setattr(type(DenseNet121_Weights.IMAGENET1K_V1), "get_state_dict", offline)
     with pytest.raises(WeightsUnavailableError, match=r"--weights /path/to/densenet121-a639ec97.pth"):
         build_model("imagenet")
+
+
+def test_normalization_layer_uses_imagenet_statistics() -> None:
+    images = torch.zeros(2, 1, 4, 5, dtype=torch.uint8)
+    images[0, 0, 1, 2] = 255
+    batch = ImageNetNormalization()(images)
+    assert batch.shape == (2, 3, 4, 5) and batch.dtype == torch.float32
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(batch[0, :, 1, 2], (1 - mean) / std, rtol=0, atol=1e-6)  # one fused multiply-add
+    torch.testing.assert_close(batch[1, :, 0, 0], (0 - mean) / std, rtol=0, atol=1e-6)
+    assert torch.allclose(batch[0, :, 1, 2], torch.tensor([2.2489, 2.4286, 2.6400]), atol=1e-4)
+    torch.testing.assert_close(ImageNetNormalization()(images.float()), batch)  # float in [0, 255] alike
+    with pytest.raises(ValueError, match="expected gray images"):
+        ImageNetNormalization()(torch.zeros(1, 3, 4, 4))
+
+
+def test_normalization_is_inside_the_model_and_keeps_state_dicts_unchanged() -> None:
+    model = build_model("none", hidden=(8,)).eval()
+    assert not any("normalize" in key for key in model.state_dict())  # old checkpoints load as they are
+    gray = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    seen = {}
+    model.features.conv0.register_forward_hook(lambda module, args, output: seen.update(input=args[0]))
+    with torch.no_grad():
+        model(gray)
+        torch.testing.assert_close(seen["input"], ImageNetNormalization()(gray))
+        model.to(memory_format=torch.channels_last)
+        model(gray)
+    assert seen["input"].is_contiguous(memory_format=torch.channels_last)  # a channels_last model gets channels_last input

@@ -180,6 +180,7 @@ def test_bad_arguments_are_refused_with_clear_messages(tmp_path: Path) -> None:
         render_image(1, 0, ["Infiltrate"], size=64)
 
 
+@pytest.mark.slow
 def test_workers_in_an_unguarded_script_fail_fast_instead_of_hanging(tmp_path: Path) -> None:
     script = tmp_path / "unguarded.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
@@ -194,6 +195,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_refuses_non_empty_out_and_bad_values(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = run_cli("--out", str(out), "--patients", "5", "--size", "48", "--seed", "2")
@@ -236,6 +238,7 @@ def test_ensure_demo_dataset_generates_once_into_the_cache(tmp_path: Path, monke
     assert sorted(tmp_path.iterdir()) == [path]  # no partial folders left behind
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_across_processes(tmp_path):
     """String hashing differs between processes (PYTHONHASHSEED): nothing may depend on set or hash order."""
     import hashlib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cxr.checkpoint import load_checkpoint
 from cxr.config import Config
+from cxr.device import DevicePolicy
 from cxr.distributed import DistContext, RankZero
-from cxr.engine import DevicePolicy, NonFiniteLossError, train_one_epoch
+from cxr.engine import NonFiniteLossError, train_one_epoch
 from cxr.losses import LabelSmoothedBCE
 from cxr.model import STAGES, build_model, stages_to_unfreeze
 from cxr.synthetic import generate_synthetic_nih
@@ -97,6 +99,7 @@ def test_non_finite_loss_stops_with_a_clear_message():
                         epoch=0, global_step=0)
 
 
+@pytest.mark.slow
 def test_single_process_run_writes_complete_checkpoints(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = run_cli(["train.py", "--data-dir", str(tiny_data), "--epochs", "2", "--warmup-epochs", "1",
@@ -108,7 +111,7 @@ def test_single_process_run_writes_complete_checkpoints(tiny_data, tmp_path):
     assert "tensorboard --logdir" in result.stdout
     assert (out / "config.yaml").is_file() and list((out / "tensorboard").glob("events.out.tfevents.*"))
     checkpoint = load_checkpoint(out / "last.pt")  # weights_only=True inside
-    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "phase", "best_metric", "bad_epochs", "rng",
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "phase", "best_metric", "bad_epochs", "schema_version",
                 "config", "class_names", "global_step"):
         assert key in checkpoint, key
     assert checkpoint["epoch"] == 2 and checkpoint["phase"] == 2 and checkpoint["global_step"] == 4
@@ -118,6 +121,7 @@ def test_single_process_run_writes_complete_checkpoints(tiny_data, tmp_path):
     assert load_checkpoint(out / "best.pt")["epoch"] == checkpoint["best_epoch"] + 1
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_single_process_structure(tiny_data, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     args = ["train.py", "--data-dir", str(tiny_data), "--epochs", "2", "--warmup-epochs", "1", *TINY_RUN]
@@ -132,6 +136,7 @@ def test_torchrun_two_processes_match_single_process_structure(tiny_data, tmp_pa
     assert two["config"]["out"] == str(ddp)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_data, tmp_path):
     # plateau: the schedule does not depend on --epochs, so "1 epoch, then resume to 2" is the same run as "2 epochs"
     common = ["train.py", "--data-dir", str(tiny_data), "--warmup-epochs", "1", "--scheduler", "plateau",
@@ -149,6 +154,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert a["best_metric"] == b["best_metric"]
 
 
+@pytest.mark.slow
 def test_bad_flags_and_data_get_clear_errors(tmp_path):
     result = run_cli(["train.py", "--epochs", "0"])
     assert result.returncode != 0 and "--epochs must be at least 1" in result.stderr
@@ -158,6 +164,7 @@ def test_bad_flags_and_data_get_clear_errors(tmp_path):
     assert result.returncode != 0 and "missing-run" in result.stderr
 
 
+@pytest.mark.slow
 def test_short_run_learns_the_synthetic_findings(tmp_path):
     """The whole loop learns: a minute of CPU training on synthetic data clearly beats chance on validation."""
     data_dir = tmp_path / "data"
@@ -171,3 +178,41 @@ def test_short_run_learns_the_synthetic_findings(tmp_path):
     best = load_checkpoint(out / "best.pt")
     assert best["best_metric"] >= 0.65, best["history"]  # chance is 0.5; ~0.75 measured here
     assert sum(np.isfinite(best["val_aurocs"])) >= 12  # the mean covers (nearly) every finding
+
+
+@pytest.mark.slow
+def test_resume_validates_and_refuses_changes_it_cannot_apply(tiny_run, tmp_path):
+    run_dir = Path(shutil.copytree(tiny_run["dir"], tmp_path / "copy"))
+    before = (run_dir / "last.pt").read_bytes()
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("learning_rate: 0.1\n")
+    lr_yaml = tmp_path / "lr.yaml"
+    lr_yaml.write_text("lr: 0.5\n")
+    cases = [
+        (["--config", str(bad_yaml)], f"--config {bad_yaml}: unknown option(s) learning_rate"),
+        (["--config", str(lr_yaml)], "cannot change --lr (the run has 0.001, given 0.5) when resuming"),
+        (["--lr", "0.5"], "cannot change --lr (the run has 0.001, given 0.5) when resuming"),
+        (["--image-size", "8"], "cannot change --image-size (the run has 64, given 8)"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--out", str(tmp_path / "elsewhere")], "--out cannot differ from the --resume directory"),
+    ]
+    for flags, message in cases:
+        result = run_cli(["train.py", "--resume", str(run_dir), *flags])
+        assert result.returncode == 1, (flags, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (flags, result.stderr[-2000:])
+    assert (run_dir / "last.pt").read_bytes() == before  # nothing was touched
+
+
+@pytest.mark.slow
+def test_a_cache_with_other_preprocessing_is_one_line_without_traceback(tiny_data, tmp_path):
+    from cxr.cache_build import build_cache
+    from cxr.transforms import Preprocessing
+
+    cache_dir = tmp_path / "cache"
+    build_cache(tiny_data, cache_dir, Preprocessing(64), workers=1, progress=False)
+    result = run_cli(["train.py", "--data-dir", str(tiny_data), "--cache-dir", str(cache_dir), "--clahe-clip", "3",
+                      "--out", str(tmp_path / "run"), "--epochs", "1", "--warmup-epochs", "0", *TINY_RUN])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --cache-dir")
+    assert "clahe_clip: cache has 2.0, this run needs 3.0" in lines[0] and "scripts/prepare_cache.py" in lines[0]

@@ -9,14 +9,10 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from cxr.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageReadError,
     build_train_augment,
-    normalize_batch,
     preprocess_image,
     read_xray,
     resize_square,
@@ -226,17 +222,3 @@ def test_hflip_mirrors_the_image(small_image: np.ndarray) -> None:
     flipped = small_image[:, ::-1]
     assert any(np.array_equal(output, flipped) for output in outputs)
     assert all(np.array_equal(output, flipped) or np.array_equal(output, small_image) for output in outputs)
-
-
-# ----------------------------------------------------------------------------------------------- normalization
-def test_normalize_batch_uses_imagenet_statistics() -> None:
-    images = torch.zeros(2, 1, 4, 5, dtype=torch.uint8)
-    images[0, 0, 1, 2] = 255
-    batch = normalize_batch(images)
-    assert batch.shape == (2, 3, 4, 5) and batch.dtype == torch.float32
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(batch[0, :, 1, 2], (1 - mean) / std, rtol=0, atol=1e-6)  # one fused multiply-add
-    torch.testing.assert_close(batch[1, :, 0, 0], (0 - mean) / std, rtol=0, atol=1e-6)
-    assert torch.allclose(batch[0, :, 1, 2], torch.tensor([2.2489, 2.4286, 2.6400]), atol=1e-4)
-    last = normalize_batch(images, channels_last=True)
-    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, batch)
