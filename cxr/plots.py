@@ -154,7 +154,7 @@ def plot_subgroups(audit: dict, class_names: Sequence[str], path: str | Path) ->
                     axis.errorbar(auroc, position, xerr=error, fmt="o", color=f"C{color}", markersize=3, capsize=2)
                 labels.append(f"{attribute} {group}")
                 position += 1
-        axis.set_xlim(0.3, 1.0)
+        axis.set_xlim(0.0, 1.0)
         axis.axvline(0.5, color="grey", linestyle=":", linewidth=0.8)
         axis.set_yticks(range(position), labels, fontsize=5)
         axis.invert_yaxis()
