@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
-from cxr.metrics import _auroc_from_weights, _rank_layout, auroc_per_class, check_inputs, mean_over_classes, patient_bootstrap_counts
+from cxr.metrics import (
+    _auroc_from_patient_weights,
+    _patient_plan,
+    _rank_layout,
+    auroc_per_class,
+    check_inputs,
+    mean_over_classes,
+    patient_bootstrap_counts,
+)
 
 
 def midranks(values: np.ndarray) -> np.ndarray:
@@ -103,17 +111,20 @@ def paired_bootstrap_delta(y_true: Any, score_a: Any, score_b: Any, patient_ids:
     _, patient_index = np.unique(patient_ids, return_inverse=True)
     n_patients = int(patient_index.max()) + 1
     n_classes = y_true.shape[1]
-    layouts = [(_rank_layout(y_true[:, c], score_a[:, c]), _rank_layout(y_true[:, c], score_b[:, c])) for c in range(n_classes)]
+    plans = []
+    for c in range(n_classes):
+        layouts = (_rank_layout(y_true[:, c], score_a[:, c]), _rank_layout(y_true[:, c], score_b[:, c]))
+        plans.append([None if layout is None else _patient_plan(layout, patient_index, n_patients) for layout in layouts])
     rng = np.random.default_rng(seed)
     aurocs = np.full((2, n_resamples, n_classes), np.nan)
     for start in range(0, n_resamples, chunk_size):
         stop = min(start + chunk_size, n_resamples)
-        counts = patient_bootstrap_counts(n_patients, stop - start, rng)  # shared by both models: the pairing
-        for c, pair in enumerate(layouts):
-            for model, layout in enumerate(pair):
-                if layout is not None:
-                    pos, neg = patient_index[layout.pos_images], patient_index[layout.neg_images]
-                    aurocs[model, start:stop, c] = _auroc_from_weights(layout, counts[:, pos], counts[:, neg])
+        # One draw of patients for both models: the pairing.
+        counts_t = np.ascontiguousarray(patient_bootstrap_counts(n_patients, stop - start, rng).T, dtype=np.float64)
+        for c, pair in enumerate(plans):
+            for model, plan in enumerate(pair):
+                if plan is not None:
+                    aurocs[model, start:stop, c] = _auroc_from_patient_weights(plan, counts_t)
     deltas = aurocs[0] - aurocs[1]
     # The mean of each model over the classes defined in that resample, then their difference.
     mean_deltas = mean_over_classes(aurocs[0]) - mean_over_classes(aurocs[1])
