@@ -5,7 +5,8 @@
     python explain.py --data-dir /data/nih --boxes /data/nih/BBox_List_2017.csv --localization-report runs/X/loc
 
 Without --checkpoint the newest runs/*/best.pt is used. Writes one overlay PNG per image and class (heatmap,
-predicted boxes in magenta, ground truth in green) and predictions.json with probabilities and boxes.
+predicted boxes in magenta, ground truth in green) and predictions.json with probabilities and boxes. When
+evaluate.py has written a calibration.json beside the checkpoint (RUN/eval-*/), probabilities are temperature-scaled.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import cv2
 import numpy as np
 import torch
 
+from cxr.calibration import apply_calibration, find_calibration, load_calibration
 from cxr.checkpoint import CheckpointError, find_latest_best
 from cxr.data import DataError, read_box_list
 from cxr.distributed import setup_distributed
@@ -82,7 +84,9 @@ def choose_classes(spec: str, probabilities: np.ndarray) -> list[int]:
 class Explainer:
     """Grad-CAM of all 14 classes for batches of gray images, with the checkpoint's preprocessing."""
 
-    def __init__(self, model, config, policy, method: str, box_threshold: float, layer: str | None = None):
+    def __init__(self, model, config, policy, method: str, box_threshold: float, layer: str | None = None,
+                 calibration: dict | None = None):
+        self.calibration = calibration
         self.cam = GradCAM(model, target_layer=find_layer(model, layer) if layer else None, method=method)
         self.config, self.policy, self.box_threshold = config, policy, box_threshold
         self.layer = layer or "last feature map"
@@ -94,7 +98,8 @@ class Explainer:
                           for gray in grays])
         inputs = self.policy.inputs(torch.from_numpy(batch).unsqueeze(1))
         maps, logits = self.cam(inputs, list(range(len(FINDINGS))))
-        return maps.float().cpu().numpy(), torch.sigmoid(logits.float()).cpu().numpy()
+        logits = logits.float().cpu().numpy()
+        return maps.float().cpu().numpy(), apply_calibration(logits, self.calibration, FINDINGS, logits=True)
 
     def boxes(self, heatmap: np.ndarray, scale: tuple[float, float]) -> list[dict]:
         return heatmap_to_boxes(heatmap, self.box_threshold, scale=scale)
@@ -227,7 +232,11 @@ def run(args: argparse.Namespace) -> int:
     policy = device_policy(config, ctx)
     if policy.channels_last:
         model.to(memory_format=torch.channels_last)
-    explainer = Explainer(model, config, policy, args.method, args.box_threshold, args.layer)
+    calibration_path = find_calibration(checkpoint_path)
+    if calibration_path is not None:
+        print(f"calibration: {calibration_path} (temperature-scaled probabilities)")
+    explainer = Explainer(model, config, policy, args.method, args.box_threshold, args.layer,
+                          calibration=load_calibration(calibration_path) if calibration_path else None)
     truth = read_box_list(args.boxes) if args.boxes else {}
     if args.data_dir:
         config.data_dir = args.data_dir

@@ -3,6 +3,7 @@
     calibration = fit_temperatures(val_labels, val_probabilities, FINDINGS)       # JSON-ready dict
     calibrated = apply_calibration(test_probabilities, calibration)               # or logits=...
     save_calibration(calibration, out / "calibration.json"); load_calibration(out / "calibration.json")
+    path = find_calibration("runs/X/best.pt")                                     # runs/X/eval-*/calibration.json
     report = calibration_report(test_labels, test_probabilities, calibrated, FINDINGS)  # ECE/Brier before, after
 
 Each class's probability becomes sigmoid(logit / T_c). Dividing a logit by a positive constant keeps the order of
@@ -105,6 +106,12 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
         raise CalibrationError(f"{path}: temperatures must be positive, not for {bad}; rerun evaluate.py")
     calibration["temperatures"] = temperatures
     return calibration
+
+
+def find_calibration(checkpoint_path: str | Path) -> Path | None:
+    """The newest calibration.json in the evaluation folders (eval-*) beside a checkpoint, or None."""
+    found = sorted(Path(checkpoint_path).parent.glob("eval-*/calibration.json"), key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def brier_score(y_true: Any, y_prob: Any) -> np.ndarray:

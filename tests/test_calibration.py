@@ -12,6 +12,7 @@ from cxr.calibration import (
     apply_calibration,
     brier_score,
     calibration_report,
+    find_calibration,
     fit_temperatures,
     load_calibration,
     save_calibration,
@@ -99,3 +100,16 @@ def test_brier_score_by_hand():
     labels = np.array([[1.0, np.nan], [0.0, 1.0]])
     probabilities = np.array([[0.8, 0.3], [0.4, 0.9]])
     np.testing.assert_allclose(brier_score(labels, probabilities), [(0.04 + 0.16) / 2, 0.01])
+
+
+def test_find_calibration_beside_a_checkpoint(tmp_path):
+    import os
+
+    checkpoint = tmp_path / "run" / "best.pt"
+    assert find_calibration(checkpoint) is None
+    older, newer = tmp_path / "run" / "eval-val" / "calibration.json", tmp_path / "run" / "eval-test" / "calibration.json"
+    for path, stamp in ((older, 1_000_000), (newer, 2_000_000)):
+        path.parent.mkdir(parents=True)
+        save_calibration({"method": "temperature", "fitted_on": "val", "temperatures": {"Mass": 2.0}}, path)
+        os.utime(path, (stamp, stamp))
+    assert find_calibration(checkpoint) == newer
