@@ -4,9 +4,12 @@
     python evaluate.py --checkpoint runs/X/best.pt --split test --tta flip
     torchrun --nproc_per_node=8 evaluate.py --checkpoint runs/X/best.pt --data-dir /data/nih
 
-Thresholds are chosen on the validation split (Youden's J, or max-F1 with --threshold-method f1) and applied
-to the evaluated split. Writes metrics.json, metrics.csv, predictions.csv, thresholds.json, roc_curves.png
-and reliability.png into --out (default: <run dir>/eval-<split>).
+Probabilities are temperature-scaled per class (fitted on the validation split; --calibration none to keep
+them raw). Thresholds are chosen on the calibrated validation probabilities (Youden's J, or max-F1 with
+--threshold-method f1) and applied to the evaluated split. Writes metrics.json, metrics.csv, predictions.csv,
+thresholds.json, calibration.json, roc_curves.png, reliability.png and the subgroup audit (subgroups.json,
+subgroups.csv, subgroups.png; --subgroups sex,age,view,<any table column> or none) into --out
+(default: <run dir>/eval-<split>).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from cxr.audit import describe_run, evaluation_report, format_report_notes, metadata_of, subgroup_columns, write_report_files
 from cxr.checkpoint import find_latest_best
 from cxr.device import device_policy
 from cxr.distributed import RankZero, cleanup_distributed, setup_distributed
@@ -28,9 +32,8 @@ from cxr.engine import predict
 from cxr.errors import ConfigError, run_main
 from cxr.factory import load_data, load_trained_model, make_dataset, make_loader, open_cache, resolve_data_dir
 from cxr.labels import FINDINGS
-from cxr.metrics import select_thresholds
 from cxr.plots import plot_reliability, plot_roc_curves
-from cxr.report import format_table, summarize
+from cxr.report import format_table
 from cxr.rundir import writable_folder
 from cxr.transforms import Preprocessing
 
@@ -51,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient bootstrap resamples for the CIs (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--calibration", default="temperature", choices=("temperature", "none"),
+                        help="per-class temperature scaling fitted on the validation split")
+    parser.add_argument("--subgroups", default="sex,age,view",
+                        help="subgroup audit: sex, age, view, follow-up and/or table column names, comma-separated; none")
     parser.add_argument("--tensorboard", action="store_true", help="also log PR curves and metrics to the run's TensorBoard")
     return parser
 
@@ -108,7 +115,6 @@ def run(args: argparse.Namespace, ctx) -> int:
         return predict(model, loader, ctx, policy, desc=f"predict {split}", log=log, views=views)
 
     validation = predict_split("val")
-    thresholds = select_thresholds(validation["labels"], validation["probabilities"], args.threshold_method)
     result = validation if args.split == "val" else predict_split(args.split)
     log.print(f"{args.split}: {len(result['labels'])} images predicted at {result['images_per_s']:.1f} images/s "
               f"per process ({policy.describe()}, TTA {args.tta})")
@@ -117,13 +123,20 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     rows = data.splits[args.split]
     patient_ids = data.index.patient_ids[rows]
-    summary = summarize(result["labels"], result["probabilities"], patient_ids, FINDINGS, thresholds,
-                        n_resamples=args.bootstrap, seed=args.seed)
+    train_meta = {**metadata_of(data, data.splits["train"]), "labels": data.index.labels[data.splits["train"]]}
+    report = evaluation_report(validation, result, patient_ids, subgroup_columns(args.subgroups, data, rows), train_meta,
+                               metadata_of(data, rows), FINDINGS, args.threshold_method, args.bootstrap, args.seed,
+                               calibrate=args.calibration == "temperature", same_split=args.split == "val")
+    summary, thresholds = report["summary"], report["thresholds"]
+    result = {**result, "probabilities": report["probabilities"], "raw_probabilities": report["raw_probabilities"]}
     summary.update(split=args.split, checkpoint=str(checkpoint_path), data_dir=str(data.data_dir), tta=args.tta,
                    threshold_method=args.threshold_method, thresholds_from="val",
-                   note="thresholds chosen on the same split" if args.split == "val" else "thresholds chosen on the validation split")
+                   note="thresholds chosen on the same split" if args.split == "val" else "thresholds chosen on the validation split",
+                   run=describe_run(args, config, data, checkpoint))
     write_outputs(out, summary, result, data.index.image_names[rows], patient_ids, thresholds, args.threshold_method)
+    write_report_files(out, report)
     print(format_table(summary, FINDINGS))
+    print(format_report_notes(report))
     print(f"This evaluation: the {args.split} split of {data.data_dir} ({len(rows)} images, "
           f"{len(np.unique(patient_ids))} patients); {data.notes[-1]}; TTA {args.tta}.")
     print(f"\nwrote {', '.join(sorted(path.name for path in out.iterdir()))} to {out}")
@@ -136,12 +149,12 @@ def write_outputs(out: Path, summary: dict, result: dict, image_names: np.ndarra
                   thresholds: np.ndarray, method: str) -> None:
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     fields = ["auroc", "ci_low", "ci_high", "auprc", "threshold", "sensitivity", "specificity", "ppv", "npv", "f1",
-              "ece", "prevalence", "n", "positives"]
+              "ece", "prevalence", "n", "positives", "metadata_auroc"]
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["finding", *fields])
         for name in FINDINGS:
-            writer.writerow([name, *("" if summary["classes"][name][key] is None else summary["classes"][name][key] for key in fields)])
+            writer.writerow([name, *("" if summary["classes"][name].get(key) is None else summary["classes"][name][key] for key in fields)])
         low, high = summary["mean_auroc_ci"]
         writer.writerow(["mean", summary["mean_auroc"], low, high, *[""] * (len(fields) - 3)])
     with open(out / "predictions.csv", "w", newline="") as handle:
@@ -150,9 +163,11 @@ def write_outputs(out: Path, summary: dict, result: dict, image_names: np.ndarra
         for name, patient, probabilities, labels in zip(image_names, patient_ids, result["probabilities"], result["labels"]):
             writer.writerow([name, int(patient), *(f"{p:.6f}" for p in probabilities), *(f"{v:g}" for v in labels)])
     (out / "thresholds.json").write_text(json.dumps(
-        {"method": method, "chosen_on": "val", "thresholds": {n: (None if np.isnan(t) else float(t)) for n, t in zip(FINDINGS, thresholds)}}, indent=2))
+        {"method": method, "chosen_on": "val",
+         "applies_to": "temperature-scaled probabilities (calibration.json)"
+         if summary.get("calibration", {}).get("method") == "temperature" else "raw probabilities", "thresholds": {n: (None if np.isnan(t) else float(t)) for n, t in zip(FINDINGS, thresholds)}}, indent=2))
     plot_roc_curves(result["labels"], result["probabilities"], FINDINGS, out / "roc_curves.png")
-    plot_reliability(result["labels"], result["probabilities"], FINDINGS, out / "reliability.png")
+    plot_reliability(result["labels"], result["probabilities"], FINDINGS, out / "reliability.png", before=result.get("raw_probabilities"))
 
 
 def log_tensorboard(log_dir: Path, summary: dict, result: dict, split: str, step: int) -> None:

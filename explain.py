@@ -8,7 +8,8 @@ Without --checkpoint the newest runs/*/best.pt is used. Writes one overlay PNG p
 predicted boxes in magenta, ground truth in green) and predictions.json with probabilities and boxes. Overlays
 are named <image stem>_<Finding>.png; when two inputs share a stem (a/x.png, b/x.png, a/x.jpg) the names
 carry the path relative to the inputs' common folder instead (a__x_png_<Finding>.png), and predictions.json
-is keyed the same way. Unreadable images are listed, the rest explained, and the exit status is then 1.
+is keyed the same way. Unreadable images are listed, the rest explained, and the exit status is then 1. When
+evaluate.py has written a calibration.json beside the checkpoint (RUN/eval-*/), probabilities are temperature-scaled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cxr.calibration import find_calibration, load_calibration
 from cxr.checkpoint import find_latest_best
 from cxr.data import read_box_list
 from cxr.device import device_policy
@@ -70,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint: {checkpoint_path}")
     policy = device_policy(config, ctx.device)
     policy.prepare_model(model)
-    explainer = Explainer(model, Preprocessing.from_checkpoint(checkpoint), policy, args.method, args.box_threshold, args.layer)
+    calibration_path = find_calibration(checkpoint_path)
+    if calibration_path is not None:
+        print(f"calibration: {calibration_path} (temperature-scaled probabilities)")
+    explainer = Explainer(model, Preprocessing.from_checkpoint(checkpoint), policy, args.method, args.box_threshold, args.layer,
+                          calibration=load_calibration(calibration_path) if calibration_path else None)
     truth = read_box_list(args.boxes) if args.boxes else {}
     if args.data_dir:
         config.data_dir = args.data_dir

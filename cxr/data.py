@@ -133,6 +133,18 @@ def read_nih_table(path: str | Path) -> pd.DataFrame:
     return table
 
 
+def read_table_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
+    """Other columns of the label table by header name (as strings), with 'Image Index'; names a missing column."""
+    path = Path(path)
+    with _open_text(path) as handle:
+        names = _physical_columns(next(csv.reader(handle)))
+        missing = [column for column in columns if column not in names]
+        if missing:
+            raise DataError(f"{path}: no column {missing[0]!r}; its columns are {', '.join(names)}")
+        wanted = list(dict.fromkeys(["Image Index", *columns]))
+        return pd.read_csv(handle, header=None, names=names, usecols=wanted, dtype=str, keep_default_na=False)
+
+
 def labels_matrix(finding_labels: pd.Series, source: str = "table") -> np.ndarray:
     """'A|B' strings -> float32 [N, 14]; 'No Finding' is all zeros; an unknown label names its row."""
     # The real table has ~800 distinct label strings for 112,120 rows: parse each distinct string once.
@@ -285,6 +297,7 @@ class NihData:
     index: NihIndex
     splits: dict[str, np.ndarray]
     notes: list[str]
+    dropped_missing: int = 0  # rows dropped by --skip-missing
 
     def summary(self) -> str:
         lines = [f"data: {self.table_path} ({len(self.index)} images, {len(np.unique(self.index.patient_ids))} patients)"]
@@ -310,12 +323,13 @@ def load_nih(data_dir: str | Path, views: str = "both", skip_missing: bool = Fal
         index = index.subset(keep)
     else:
         notes.append(f"views: PA and AP ({(index.views == 'PA').sum()} PA, {(index.views == 'AP').sum()} AP)")
+    listed = len(index)
     index, note = keep_images_on_disk(locate_images(index, data_dir), data_dir, table_path.name, skip_missing)
     if note:
         notes.append(note)
     splits, how = build_splits(index, data_dir, split, val_fraction, test_fraction, seed)
     notes.append(f"split: {how}")
-    return NihData(data_dir, table_path, index, splits, notes)
+    return NihData(data_dir, table_path, index, splits, notes, dropped_missing=listed - len(index))
 
 
 class ChestXrayDataset(Dataset):

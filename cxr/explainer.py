@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 
+from cxr.calibration import apply_calibration
 from cxr.data import BOX_SPACE
 from cxr.device import DevicePolicy
 from cxr.errors import ConfigError
@@ -43,12 +44,13 @@ class Explainer:
     """Grad-CAM of all 14 classes for batches of gray images, with the checkpoint's preprocessing."""
 
     def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, policy: DevicePolicy, method: str = "gradcam",
-                 box_threshold: float = 0.5, layer: str | None = None):
+                 box_threshold: float = 0.5, layer: str | None = None, calibration: dict | None = None):
         if not 0 < box_threshold <= 1:
             raise ConfigError(f"--box-threshold must be in (0, 1] (a fraction of the map's maximum), got {box_threshold}")
         self.cam = GradCAM(model, target_layer=find_layer(model, layer) if layer else None, method=method)
         self.preprocessing, self.policy, self.box_threshold = preprocessing, policy, box_threshold
         self.layer = layer or "last feature map"
+        self.calibration = calibration  # cxr.calibration's per-class temperatures, or None for raw probabilities
         self.output_stride = getattr(model, "output_stride", None)
 
     def __call__(self, grays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +58,8 @@ class Explainer:
         batch = np.stack([self.preprocessing(gray) for gray in grays])
         inputs = self.policy.inputs(torch.from_numpy(batch).unsqueeze(1))
         maps, logits = self.cam(inputs, list(range(len(FINDINGS))))
-        return maps.float().cpu().numpy(), torch.sigmoid(logits.float()).cpu().numpy()
+        probabilities = apply_calibration(logits.float().cpu().numpy(), self.calibration, FINDINGS, logits=True)
+        return maps.float().cpu().numpy(), probabilities
 
     def boxes(self, heatmap: np.ndarray, scale: tuple[float, float]) -> list[dict]:
         return heatmap_to_boxes(heatmap, self.box_threshold, scale=scale)

@@ -19,6 +19,7 @@ import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
+import scipy.sparse
 from sklearn.metrics import average_precision_score
 
 
@@ -88,6 +89,45 @@ def _auroc_from_weights(layout: _RankLayout, pos_weights: np.ndarray, neg_weight
         return np.where(denominator > 0, numerator / denominator, np.nan)
 
 
+class _PatientPlan(NamedTuple):
+    """One class's AUROC as a function of per-patient weights, through two sparse [segments, patients] maps."""
+
+    negatives_by_segment: Any  # csr [K, P]: negatives of patient p scored between the (k-1)th and kth query point
+    positives_by_point: Any  # csr [K, P]: half-counts of patient p's positives that query point k
+    positives_per_patient: np.ndarray  # [P]
+    negatives_per_patient: np.ndarray  # [P]
+
+
+def _patient_plan(layout: _RankLayout, patient_index: np.ndarray, n_patients: int) -> _PatientPlan:
+    """Group one class's images by patient and score segment once, so that each resample costs sparse products."""
+    # Only the cumulative negative weight at the positives' positions is needed: cut the sorted negatives there.
+    points = np.unique(np.r_[layout.below, layout.below_or_tied])
+    points = points[points > 0]
+    segment = np.searchsorted(points, np.arange(len(layout.neg_images)), side="right")
+    inside = segment < len(points)
+    neg_patients, pos_patients = patient_index[layout.neg_images], patient_index[layout.pos_images]
+    shape = (len(points), n_patients)
+    negatives = scipy.sparse.csr_matrix((np.ones(inside.sum()), (segment[inside], neg_patients[inside])), shape=shape)
+    rows, columns = [], []
+    for position in (layout.below, layout.below_or_tied):  # a tied negative counts one half
+        hit = position > 0
+        rows.append(np.searchsorted(points, position[hit]))
+        columns.append(pos_patients[hit])
+    rows, columns = np.concatenate(rows), np.concatenate(columns)
+    positives = scipy.sparse.csr_matrix((np.full(len(rows), 0.5), (rows, columns)), shape=shape)
+    return _PatientPlan(negatives, positives, np.bincount(pos_patients, minlength=n_patients).astype(np.float64),
+                        np.bincount(neg_patients, minlength=n_patients).astype(np.float64))
+
+
+def _auroc_from_patient_weights(plan: _PatientPlan, weights_t: np.ndarray) -> np.ndarray:
+    """Weighted AUROC for each column of patient weights [P, B] (the same number as _auroc_from_weights)."""
+    cumulative = np.cumsum(plan.negatives_by_segment @ weights_t, axis=0)  # [K, B]
+    numerator = np.einsum("kb,kb->b", cumulative, plan.positives_by_point @ weights_t)
+    denominator = (plan.positives_per_patient @ weights_t) * (plan.negatives_per_patient @ weights_t)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / denominator, np.nan)
+
+
 def weighted_auroc(y_true_col: Any, y_score_col: Any, weights: Any) -> np.ndarray:
     """AUROC of one class under each row of `weights` ([n] or [B, n] image weights); NaN where degenerate."""
     y_true_col, y_score_col = check_inputs(y_true_col, y_score_col)
@@ -148,22 +188,16 @@ def bootstrap_auroc_ci(
     _, patient_index = np.unique(patient_ids, return_inverse=True)
     n_patients = int(patient_index.max()) + 1 if len(patient_index) else 0
     layouts = [_rank_layout(y_true[:, c], y_score[:, c]) for c in range(y_true.shape[1])]
-    # Weights are gathered straight from the small [B, patients] count table, never an image-level copy.
-    class_patients = [
-        None if layout is None else (patient_index[layout.pos_images], patient_index[layout.neg_images])
-        for layout in layouts
-    ]
+    # Each resample's weights live in the small [patients, B] count table; no image-level copy is ever made.
+    plans = [None if layout is None else _patient_plan(layout, patient_index, n_patients) for layout in layouts]
     rng = np.random.default_rng(seed)
     per_resample = np.full((n_resamples, y_true.shape[1]), np.nan)
     for start in range(0, n_resamples, chunk_size):
         stop = min(start + chunk_size, n_resamples)
-        counts = patient_bootstrap_counts(n_patients, stop - start, rng)
-        for c, (layout, patients) in enumerate(zip(layouts, class_patients)):
-            if layout is not None:
-                pos_patients, neg_patients = patients
-                per_resample[start:stop, c] = _auroc_from_weights(
-                    layout, counts[:, pos_patients], counts[:, neg_patients]
-                )
+        counts_t = np.ascontiguousarray(patient_bootstrap_counts(n_patients, stop - start, rng).T, dtype=np.float64)
+        for c, plan in enumerate(plans):
+            if plan is not None:
+                per_resample[start:stop, c] = _auroc_from_patient_weights(plan, counts_t)
     tail = 100 * (1 - level) / 2
     mean_per_resample = mean_over_classes(per_resample)
     with warnings.catch_warnings():

@@ -19,6 +19,7 @@ import numpy as np
 
 from cxr.data import NihIndex, build_splits, find_table, locate_images, read_nih_table, table_to_index
 from cxr.labels import FINDINGS, NO_FINDING
+from cxr.subgroups import MAX_PLAUSIBLE_AGE, impossible_ages
 from cxr.transforms import ImageReadError, read_xray
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -77,6 +78,8 @@ def preflight(data_dir: str | Path, skip_missing: bool = False, decode: bool = F
     label_counts = {name: int(used.labels[:, column].sum()) for column, name in enumerate(FINDINGS)}
     label_counts[NO_FINDING] = int((used.labels.sum(axis=1) == 0).sum())
     views, view_counts = np.unique(used.views, return_counts=True)
+    impossible = (used.ages > MAX_PLAUSIBLE_AGE) | (used.ages < 0)
+    known_ages = used.ages[np.isfinite(used.ages)]
     return {
         "data_dir": str(data_dir), "table": str(table_path), "image_folders": index.image_dirs,
         "rows": int(len(index)), "patients": int(len(np.unique(index.patient_ids))),
@@ -84,7 +87,10 @@ def preflight(data_dir: str | Path, skip_missing: bool = False, decode: bool = F
         "missing_examples": index.image_names[~found][:5].tolist(), "skip_missing": skip_missing,
         "decoded": decode, "modes": modes,
         "unreadable": [name for name, _ in unreadable], "unreadable_reasons": [message for _, message in unreadable],
-        "label_counts": label_counts, "view_positions": {str(v): int(c) for v, c in zip(views, view_counts)},
+        "label_counts": label_counts,
+        "age_range": [float(known_ages.min()), float(known_ages.max())] if len(known_ages) else None,
+        "impossible_ages": impossible_ages(used.ages), "impossible_age_examples": used.image_names[impossible][:5].tolist(),
+        "unknown_ages": int(np.isnan(used.ages).sum()), "view_positions": {str(v): int(c) for v, c in zip(views, view_counts)},
         "split_method": how,
         "splits": {name: {"images": int(len(rows)), "patients": int(len(np.unique(used.patient_ids[rows])))}
                    for name, rows in splits.items()},
@@ -104,6 +110,11 @@ def format_report(report: dict[str, Any]) -> str:
              f"  unreadable       {len(report['unreadable'])}" + (" (full decode)" if report["decoded"] else " (header/trailer check; --decode for a full decode)")]
     lines += [f"    {message}" for message in report["unreadable_reasons"][:50]]
     lines.append("  views            " + ", ".join(f"{view}: {count:,}" for view, count in report["view_positions"].items()))
+    if report["age_range"] is not None:
+        low, high = report["age_range"]
+        lines.append(f"  ages             {low:g} to {high:g}; {report['impossible_ages']:,} impossible (> {MAX_PLAUSIBLE_AGE}, "
+                     f"left out of the age subgroups){'' if not report['impossible_ages'] else ', e.g. ' + ', '.join(report['impossible_age_examples'])}"
+                     f"; {report['unknown_ages']:,} unknown")
     lines.append("  label counts" + ("" if not report["images_missing"] or not report["skip_missing"] else " (rows with images)"))
     lines += [f"    {name:20s} {count:7,}" for name, count in report["label_counts"].items()]
     lines.append(f"  splits           {report['split_method']}; patient overlap: {report['patient_overlap']}")

@@ -123,15 +123,18 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def format_table(summary: dict[str, Any], class_names: Sequence[str]) -> str:
-    """Fixed-width table: class, positives, AUROC [95% CI], AUPRC, CheXNet AUROC, a mean row and a footnote."""
+    """Fixed-width table: class, positives, AUROC [95% CI], AUPRC, metadata-baseline AUROC (when present), CheXNet."""
     name_width = max([len("Class"), len("Mean"), *map(len, class_names)])
-    header = f"{'Class':<{name_width}}  {'Pos':>6}  {'AUROC [95% CI]':<22}  {'AUPRC':>6}  {'CheXNet':>7}"
+    with_meta = all("metadata_auroc" in summary["classes"][name] for name in class_names)
+    meta_header = f"  {'Meta':>6}" if with_meta else ""
+    header = f"{'Class':<{name_width}}  {'Pos':>6}  {'AUROC [95% CI]':<22}  {'AUPRC':>6}{meta_header}  {'CheXNet':>7}"
     lines = [header, "-" * len(header)]
 
-    def row(name: str, positives: str, auroc: Any, low: Any, high: Any, auprc: Any, chexnet: Any) -> str:
+    def row(name: str, positives: str, auroc: Any, low: Any, high: Any, auprc: Any, meta: Any, chexnet: Any) -> str:
         interval = f"{_fmt(auroc)} [{_fmt(low)}, {_fmt(high)}]"
         published = _fmt(chexnet, digits=4)  # the paper reports four decimals
-        return f"{name:<{name_width}}  {positives:>6}  {interval:<22}  {_fmt(auprc):>6}  {published:>7}"
+        meta_cell = f"  {_fmt(meta):>6}" if with_meta else ""
+        return f"{name:<{name_width}}  {positives:>6}  {interval:<22}  {_fmt(auprc):>6}{meta_cell}  {published:>7}"
 
     auprcs = []
     for name in class_names:
@@ -139,11 +142,14 @@ def format_table(summary: dict[str, Any], class_names: Sequence[str]) -> str:
         auprcs.append(np.nan if entry["auprc"] is None else entry["auprc"])
         lines.append(
             row(name, str(entry["positives"]), entry["auroc"], entry["ci_low"], entry["ci_high"],
-                entry["auprc"], CHEXNET_AUROC.get(name))
+                entry["auprc"], entry.get("metadata_auroc"), CHEXNET_AUROC.get(name))
         )
     lines.append("-" * len(header))
     low, high = summary["mean_auroc_ci"]
     mean_auprc = float(mean_over_classes(np.asarray(auprcs, dtype=np.float64)))
-    lines.append(row("Mean", "", summary["mean_auroc"], low, high, mean_auprc, CHEXNET_MEAN_AUROC))
+    meta_mean = summary.get("metadata_baseline", {}).get("mean_auroc")
+    lines.append(row("Mean", "", summary["mean_auroc"], low, high, mean_auprc, meta_mean, CHEXNET_MEAN_AUROC))
+    if with_meta:
+        lines.append("Meta: AUROC of a logistic regression on age, sex, view and follow-up number alone (no image).")
     lines.append(f"Note: {CHEXNET_FOOTNOTE}")
     return "\n".join(lines)

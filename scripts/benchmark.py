@@ -14,6 +14,11 @@ Each pair runs the same files or the same batch, interleaved, best of a few roun
   gradcam14_vs_forward    GradCAM of all 14 classes vs one no_grad forward (time, lower wins) goal <= 2.0
   data_wait_fraction      make_loader (trainer settings, cache) feeding train_one_epoch: share of step
                           time spent waiting for the next batch                               goal < 0.05 on GPU
+It also times the full evaluation report on NIH-sized predictions (25,596 test images x 14 findings, 2,797
+patients; 8,600 validation images; 77,900 training rows for the metadata baseline), on one core: calibration,
+thresholds, 1,000 patient-bootstrap resamples, subgroups (sex, age, view) with their own bootstraps, the metadata
+baseline, and a paired comparison (DeLong + 1,000 paired resamples). Goal: under 10 s. `--only evaluation-report`
+runs just that (seconds, no images or model).
 On CUDA it also reports gpu_train_images_per_s (that end-to-end run; aim >= 3,500 on one H100/H200 at 224 px
 with AMP and channels_last) and peak_gpu_memory_gb. Without --data-dir a small synthetic set is generated.
 """
@@ -41,8 +46,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torchvision.models import densenet121  # noqa: E402
 
+from cxr.audit import evaluation_report  # noqa: E402
 from cxr.cache import ImageCache  # noqa: E402
 from cxr.cache_build import build_cache  # noqa: E402
+from cxr.compare import compare_predictions  # noqa: E402
 from cxr.config import Config  # noqa: E402
 from cxr.data import ChestXrayDataset, DataError, NihData, find_table, load_nih, locate_images, read_nih_table, table_to_index  # noqa: E402
 from cxr.device import DevicePolicy, configure_cuda, device_policy  # noqa: E402
@@ -51,9 +58,10 @@ from cxr.engine import predict, train_one_epoch  # noqa: E402
 from cxr.errors import ConfigError, run_main  # noqa: E402
 from cxr.factory import build_optimizer, build_scheduler, make_dataset, make_loader, start_epoch  # noqa: E402
 from cxr.gradcam import GradCAM  # noqa: E402
-from cxr.labels import NUM_CLASSES  # noqa: E402
+from cxr.labels import FINDINGS, NUM_CLASSES  # noqa: E402
 from cxr.losses import LabelSmoothedBCE  # noqa: E402
 from cxr.model import CXRNet, ImageNetNormalization, build_model, stages_to_unfreeze  # noqa: E402
+from cxr.subgroups import age_groups, sex_groups, view_groups  # noqa: E402
 from cxr.synthetic import generate_synthetic_nih  # noqa: E402
 from cxr.transforms import Preprocessing  # noqa: E402
 
@@ -62,6 +70,8 @@ GOALS: dict[str, tuple[str, float]] = {
     "eval_vs_bare_forward": (">=", 0.9), "gradcam14_vs_forward": ("<=", 2.0), "data_wait_fraction": ("<", 0.05),
 }
 GPU_TRAIN_AIM = 3500.0  # images/s, DenseNet121 at 224 px from the cache on one H100/H200
+EVALUATION_REPORT_GOAL_SECONDS = 10.0  # on one core, for the NIH test split
+NIH_PREVALENCE = (0.103, 0.025, 0.119, 0.177, 0.052, 0.056, 0.013, 0.047, 0.042, 0.021, 0.022, 0.015, 0.03, 0.002)
 MIN_PASS_SECONDS = 0.2  # per-core image benchmarks: each timed pass over the files lasts at least this long
 
 
@@ -86,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "on CUDA, min(2, cores) on CPU)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per pair; the best counts")
     parser.add_argument("--max-images", type=int, default=64, help="files used by the per-core image benchmarks")
+    parser.add_argument("--only", choices=("evaluation-report",), help="run only this measurement")
     parser.add_argument("--synthetic-patients", type=int, default=40, help="patients generated (no --data-dir)")
     parser.add_argument("--synthetic-size", type=int, default=256, help="generated image size (no --data-dir)")
     return parser.parse_args(argv)
@@ -409,6 +420,8 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
     if cuda:
         figures["gpu_train_images_per_s"] = figures["end_to_end_train_images_per_s"]
         figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    note(started, "evaluation report on NIH-sized predictions")
+    figures.update(measure_evaluation_report())
     figures["total_seconds"] = time.perf_counter() - started
 
     ratios = {
@@ -429,6 +442,48 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
             "ratios": {name: significant(value) for name, value in ratios.items()},
             "goals": {name: f"{op} {limit:g}" for name, (op, limit) in GOALS.items()},
             "goals_met": {name: meets(ratios[name], *GOALS[name]) for name in GOALS}}
+
+
+def planted_predictions(images: int, patients: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """NIH-like labels (real prevalences), informative scores, sorted patient ids and random metadata."""
+    patient_ids = np.sort(rng.integers(0, patients, images))
+    labels = (rng.random((images, NUM_CLASSES)) < np.array(NIH_PREVALENCE)).astype(np.float32)
+    probabilities = 1 / (1 + np.exp(-(1.5 * labels + rng.normal(0, 1, labels.shape) - 2)))
+    meta = {"ages": rng.integers(1, 95, images).astype(np.float32), "genders": rng.choice(["M", "F"], images),
+            "views": rng.choice(["PA", "AP"], images), "follow_ups": rng.integers(0, 30, images).astype(np.int32)}
+    return labels, probabilities, patient_ids, meta
+
+
+def measure_evaluation_report(seed: int = 0) -> dict[str, float]:
+    """Seconds on one core for evaluate.py's report and for compare_models.py's statistics on NIH-sized arrays."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(seed)
+    labels, probabilities, patient_ids, meta = planted_predictions(25_596, 2_797, rng)
+    val_labels, val_probabilities, _, _ = planted_predictions(8_600, 2_800, rng)
+    train_labels, _, _, train_meta = planted_predictions(77_900, 25_000, rng)
+    other = np.clip(probabilities + rng.normal(0, 0.05, probabilities.shape), 0, 1)
+    groups = {"sex": sex_groups(meta["genders"]), "age": age_groups(meta["ages"]), "view": view_groups(meta["views"])}
+    with threadpool_limits(1):
+        started = time.perf_counter()
+        evaluation_report({"labels": val_labels, "probabilities": val_probabilities},
+                          {"labels": labels, "probabilities": probabilities}, patient_ids, groups,
+                          {**train_meta, "labels": train_labels}, meta, FINDINGS, n_resamples=1000, seed=seed)
+        report_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        compare_predictions(labels, probabilities, other, patient_ids, FINDINGS, n_resamples=1000, seed=seed)
+        comparison_seconds = time.perf_counter() - started
+    return {"evaluation_report_seconds": report_seconds, "comparison_seconds": comparison_seconds,
+            "full_evaluation_report_seconds": report_seconds + comparison_seconds}
+
+
+def format_evaluation_report(figures: dict[str, float]) -> str:
+    """One line per figure of measure_evaluation_report, the total against its goal."""
+    total = figures["full_evaluation_report_seconds"]
+    return (f"evaluation report, 25,596 x 14 predictions, one core: {figures['evaluation_report_seconds']:.2f} s "
+            f"(bootstrap, calibration, subgroups, metadata baseline) + {figures['comparison_seconds']:.2f} s "
+            f"(DeLong + paired bootstrap) = {total:.2f} s; goal < {EVALUATION_REPORT_GOAL_SECONDS:g} s: "
+            f"{'yes' if total < EVALUATION_REPORT_GOAL_SECONDS else 'NO'}")
 
 
 def note(started: float, text: str) -> None:
@@ -463,6 +518,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<24} {value:>10.4g}  {report['goals'][name]:<8} "
                      f"{'yes' if report['goals_met'][name] else 'NO'}{note}")
     lines += ["", "figures:"] + [f"  {name:<40} {value:.4g}" for name, value in report["figures"].items()]
+    if "full_evaluation_report_seconds" in report["figures"]:
+        lines.append(format_evaluation_report(report["figures"]))
     if "gpu_train_images_per_s" in report["figures"]:
         lines.append(f"  (aim on one H100/H200 at 224 px with AMP and channels_last: >= {GPU_TRAIN_AIM:,.0f} images/s)")
     return "\n".join(lines)
@@ -474,6 +531,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def benchmark(args: argparse.Namespace) -> int:
+    if args.only == "evaluation-report":
+        figures = measure_evaluation_report()
+        print(format_evaluation_report(figures), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"figures": {name: significant(value) for name, value in figures.items()},
+                                                   "goal_seconds": EVALUATION_REPORT_GOAL_SECONDS,
+                                                   "goal_met": figures["full_evaluation_report_seconds"] < EVALUATION_REPORT_GOAL_SECONDS},
+                                                  indent=2) + "\n")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available here; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

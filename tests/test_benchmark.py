@@ -155,3 +155,16 @@ def test_device_defaults(benchmark_module) -> None:
     assert (gpu.image_size, gpu.batch_size, gpu.steps, gpu.warmup, gpu.workers) == (224, 128, 30, 5, 8)
     cpu = benchmark_module.resolve_defaults(benchmark_module.parse_args(["--workers", "0"]), cuda=False, cpus=2)
     assert (cpu.image_size, cpu.batch_size, cpu.steps, cpu.warmup, cpu.workers) == (128, 8, 3, 1, 0)
+
+
+def test_evaluation_report_only(benchmark_module, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report_path = tmp_path / "evaluation.json"
+    assert benchmark_module.main(["--only", "evaluation-report", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    figures = report["figures"]
+    assert list(figures) == ["evaluation_report_seconds", "comparison_seconds", "full_evaluation_report_seconds"]
+    assert all(value > 0 for value in figures.values())
+    assert figures["full_evaluation_report_seconds"] == pytest.approx(
+        figures["evaluation_report_seconds"] + figures["comparison_seconds"], rel=1e-3)
+    assert report["goal_seconds"] == 10.0 and report["goal_met"] == (figures["full_evaluation_report_seconds"] < 10.0)
+    assert "25,596 x 14 predictions, one core" in capsys.readouterr().out

@@ -25,15 +25,27 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray]:
 def test_cli_writes_every_output(tiny_run, tmp_path):
     out = tmp_path / "eval"
     result = run_cli(["evaluate.py", "--checkpoint", str(tiny_run["best"]), "--bootstrap", "50", "--workers", "0",
-                      "--out", str(out), "--tensorboard"])
+                      "--out", str(out), "--tensorboard", "--subgroups", "sex,age,view,follow-up"])
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("metrics.json", "metrics.csv", "predictions.csv", "thresholds.json", "roc_curves.png", "reliability.png"):
+    for name in ("metrics.json", "metrics.csv", "predictions.csv", "thresholds.json", "roc_curves.png", "reliability.png",
+                 "calibration.json", "subgroups.json", "subgroups.csv", "subgroups.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     data = load_nih(tiny_run["data_dir"], seed=0)
     test_rows = data.splits["test"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n_images"] == len(test_rows)
     assert list(metrics["classes"]) == list(FINDINGS)
+    run = metrics["run"]
+    assert (run["split"], run["views"], run["skipped_missing_images"], run["image_size"], run["tta"]) == ("test", "both", 0, 64, "none")
+    assert run["checkpoint_epoch"] == 2 and run["split_method"].startswith("official lists") and run["cxr_version"]
+    assert set(metrics["headline"]) >= {"val_mean_auroc", "mean_auroc", "val_minus_evaluated"}
+    assert set(metrics["calibration"]) >= {"mean_ece_before", "mean_ece_after", "mean_brier_before", "mean_brier_after"}
+    assert metrics["metadata_baseline"]["fitted_on"] == "train" and "metadata_auroc" in metrics["classes"]["Mass"]
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert list(calibration["temperatures"]) == list(FINDINGS) and all(t > 0 for t in calibration["temperatures"].values())
+    subgroups = json.loads((out / "subgroups.json").read_text())
+    assert list(subgroups["attributes"]) == ["sex", "age", "view", "follow-up"]
+    assert sum(group["n_images"] for group in subgroups["attributes"]["sex"]["groups"].values()) == len(test_rows)
     assert metrics["n_patients"] == len(np.unique(data.index.patient_ids[test_rows]))
     for row in metrics["classes"].values():
         assert set(row) >= {"auroc", "ci_low", "ci_high", "auprc", "threshold", "sensitivity", "specificity", "ppv",
@@ -47,6 +59,7 @@ def test_cli_writes_every_output(tiny_run, tmp_path):
     thresholds = json.loads((out / "thresholds.json").read_text())
     assert thresholds["method"] == "youden" and list(thresholds["thresholds"]) == list(FINDINGS)
     assert "CheXNet" in result.stdout and "This evaluation: the test split" in result.stdout
+    assert "Meta" in result.stdout and "Subgroups (thresholds from the validation split)" in result.stdout
     assert list((tiny_run["dir"] / "tensorboard").glob("events.out.tfevents.*"))
 
 
