@@ -29,12 +29,12 @@ from cxr.checkpoint import find_latest_best
 from cxr.device import device_policy
 from cxr.distributed import RankZero, cleanup_distributed, setup_distributed
 from cxr.engine import predict
-from cxr.errors import ConfigError, run_main
+from cxr.errors import ConfigError, describe_os_error, run_main
 from cxr.factory import load_data, load_trained_model, make_dataset, make_loader, open_cache, resolve_data_dir
 from cxr.labels import FINDINGS
 from cxr.plots import plot_reliability, plot_roc_curves
 from cxr.report import format_table
-from cxr.rundir import writable_folder
+from cxr.rundir import OutputWriteError, writable_folder
 from cxr.transforms import Preprocessing
 
 TENCROP_RESIZE = 256 / 224  # CheXNet: resize to 256, ten 224 crops
@@ -133,8 +133,11 @@ def run(args: argparse.Namespace, ctx) -> int:
                    threshold_method=args.threshold_method, thresholds_from="val",
                    note="thresholds chosen on the same split" if args.split == "val" else "thresholds chosen on the validation split",
                    run=describe_run(args, config, data, checkpoint))
-    write_outputs(out, summary, result, data.index.image_names[rows], patient_ids, thresholds, args.threshold_method)
-    write_report_files(out, report)
+    try:
+        write_outputs(out, summary, result, data.index.image_names[rows], patient_ids, thresholds, args.threshold_method)
+        write_report_files(out, report)
+    except OSError as error:
+        raise OutputWriteError(describe_os_error(error, out)) from error
     print(format_table(summary, FINDINGS))
     print(format_report_notes(report))
     print(f"This evaluation: the {args.split} split of {data.data_dir} ({len(rows)} images, "

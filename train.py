@@ -72,23 +72,24 @@ def train(argv: list[str] | None) -> int:
 
 def run(config: Config, resumed: dict | None, ctx) -> int:
     seed_everything(config.seed, ctx.rank)
-    run_dir = open_run_dir(config, ctx, resuming=resumed is not None)
+    log = RankZero(ctx, None)
+    # Everything that only reads (data, cache) is checked before the run directory is created and locked.
+    data = load_data(config, resolve_data_dir(config, ctx))
+    preprocessing = Preprocessing.from_config(config)
+    cache = open_cache(config, preprocessing)
+    run_dir = open_run_dir(config, ctx, resuming=resumed is not None, log=log.print)
     try:
-        return fit(config, resumed, ctx, run_dir.path)
+        return fit(config, resumed, ctx, run_dir.path, data, preprocessing, cache)
     finally:
         run_dir.close()
 
 
-def fit(config: Config, resumed: dict | None, ctx, run_dir: Path) -> int:
+def fit(config: Config, resumed: dict | None, ctx, run_dir: Path, data, preprocessing: Preprocessing, cache) -> int:
     log = RankZero(ctx, run_dir / "tensorboard", config.tensorboard)
     policy = device_policy(config, ctx.device)
     log.print(f"cxr train: {'resuming ' if resumed else 'run '}{run_dir}; {ctx.world_size} process(es); {policy.describe()}")
     log.print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-
-    data = load_data(config, resolve_data_dir(config, ctx))
     log.print(data.summary())
-    preprocessing = Preprocessing.from_config(config)
-    cache = open_cache(config, preprocessing)
     train_set = make_dataset(config, data, "train", preprocessing, train=True, cache=cache)
     val_set = make_dataset(config, data, "val", preprocessing, train=False, cache=cache)
     train_loader = make_loader(train_set, config, ctx, train=True)

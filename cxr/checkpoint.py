@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxr.errors import CxrError
+from cxr.errors import CxrError, describe_os_error
 
 SCHEMA_VERSION = 2  # 1: the first release (no version field, RNG states); 2: this schema
 REQUIRED_KEYS = ("model", "config")
@@ -40,6 +40,10 @@ class CheckpointError(CxrError, RuntimeError):
     """A checkpoint file exists but cannot or must not be loaded."""
 
 
+class CheckpointWriteError(CxrError):
+    """A checkpoint could not be written (full disk, read-only folder); the previous file is intact."""
+
+
 class CheckpointMissingError(CxrError, FileNotFoundError):
     """No checkpoint where one was asked for; the message says what to pass instead."""
 
@@ -50,6 +54,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     temp_path = _write_temp(state, path)
     try:
         os.replace(temp_path, path)
+    except OSError as error:
+        temp_path.unlink(missing_ok=True)
+        raise CheckpointWriteError(describe_os_error(error, path)) from error
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
@@ -59,16 +66,31 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def _write_temp(state: dict[str, Any], path: Path) -> Path:
     """torch.save `state` into a fsynced temporary file beside `path`; returns the temporary path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointWriteError(describe_os_error(error, path.parent)) from error
     # The temp file must live in the same directory: os.replace is atomic only within one filesystem.
     # os.open with 0o666 honours the umask (tempfile would make the checkpoint private, mode 0600).
     temp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        descriptor = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as error:
+        raise CheckpointWriteError(describe_os_error(error, path)) from error
     try:
         with os.fdopen(descriptor, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+    except OSError as error:  # a full disk shows up here, as torch's "unexpected pos" or ENOSPC
+        temp_path.unlink(missing_ok=True)
+        raise CheckpointWriteError(describe_os_error(error, path)) from error
+    except RuntimeError as error:
+        temp_path.unlink(missing_ok=True)
+        if "unexpected pos" in str(error) or "failed writing" in str(error):
+            raise CheckpointWriteError(f"cannot write {path}: no space left on the device (or a write failed: {error}); "
+                                       "free some space; the previous checkpoint is intact") from error
+        raise
     except BaseException:  # also Ctrl-C: never leave a half-written temp file behind
         temp_path.unlink(missing_ok=True)
         raise
@@ -104,16 +126,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
-        if unsafe:
+        text = str(error)
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+        operand = re.search(r"Unsupported (operand \S+)", text)
+        if unsafe or operand:
+            what = unsafe.group(1) if unsafe else f"pickle {operand.group(1)}"
             raise CheckpointError(
-                f"refusing to load {path}: it holds pickled Python objects ({unsafe.group(1)}) that would run "
-                "code when loaded; cxr only loads plain tensors and containers (weights_only=True). "
-                "Re-save it from a trusted environment with only tensors, dicts, lists, numbers and strings."
+                f"refusing to load {path}: it holds pickled Python objects ({what}) that could run code when loaded, "
+                "so it was NOT loaded; cxr only loads plain tensors and containers (weights_only=True). Do not open "
+                "it with unrestricted unpickling (torch.load(..., weights_only=False)) unless you trust its source; "
+                "checkpoints written by train.py never need that"
             ) from None
         raise _corrupt_error(path, error) from error
-    except OSError:
-        raise  # permission problems and the like already name the path
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from error
     except Exception as error:  # torch raises RuntimeError, EOFError, KeyError... for damaged files
         raise _corrupt_error(path, error) from error
     if not isinstance(state, dict):
@@ -177,6 +203,9 @@ def save_epoch_checkpoints(state: dict[str, Any], run_dir: str | os.PathLike, im
                 _fsync_file(best_temp)
             os.replace(best_temp, run_dir / BEST_NAME)
         os.replace(temp_path, run_dir / LAST_NAME)
+    except OSError as error:
+        temp_path.unlink(missing_ok=True)
+        raise CheckpointWriteError(describe_os_error(error, run_dir)) from error
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
@@ -184,7 +213,10 @@ def save_epoch_checkpoints(state: dict[str, Any], run_dir: str | os.PathLike, im
 
 
 def _corrupt_error(path: Path, error: BaseException) -> CheckpointError:
-    detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # never quote torch's advice to retry with weights_only=False
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    detail = text.splitlines()[0][:200] if text else type(error).__name__
     return CheckpointError(
         f"cannot read checkpoint {path}: the file is truncated, corrupt or not written by torch.save "
         f"({type(error).__name__}: {detail}); use another checkpoint (e.g. best.pt) or copy the file again"

@@ -14,7 +14,7 @@ import csv
 import gzip
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,13 +198,24 @@ def image_folders(data_dir: str | Path) -> list[Path]:
     return [folder for folder in folders if folder.is_dir()]
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    """A regular file (or a link to one); a symlink loop or dangling link counts as absent, not as a crash."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def locate_images(index: NihIndex, data_dir: str | Path) -> NihIndex:
     """Fill `image_dirs` / `image_dir_ids` (-1 where the file is absent) by listing the image folders once."""
     folders = image_folders(data_dir)
     dir_ids = np.full(len(index), -1, dtype=np.int16)
     position = pd.Index(index.image_names)
     for folder_id, folder in enumerate(folders):
-        names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
+        try:
+            names = [entry.name for entry in os.scandir(folder) if _is_file(entry)]
+        except OSError as error:
+            raise DataError(f"{folder}: cannot list the image folder ({error.strerror or error})") from error
         rows = position.get_indexer(names)
         rows = rows[rows >= 0]
         dir_ids[rows[dir_ids[rows] < 0]] = folder_id
@@ -314,6 +325,9 @@ def load_nih(data_dir: str | Path, views: str = "both", skip_missing: bool = Fal
     data_dir = Path(data_dir)
     table_path = find_table(data_dir)
     index = table_to_index(read_nih_table(table_path), str(table_path))
+    if len(index) == 0:
+        raise DataError(f"{table_path}: the table has a header but no image rows; download the full "
+                        "Data_Entry_2017.csv again")
     notes = []
     if views != "both":
         if views not in ("PA", "AP"):
@@ -364,6 +378,27 @@ class ChestXrayDataset(Dataset):
             image = self.augment(image=image)["image"]
         tensor = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
         return tensor, torch.from_numpy(self.index.labels[self.rows[position]]), position
+
+
+def unwrap_worker_errors(batches: Iterable) -> Iterator:
+    """Iterate a DataLoader; a CxrError raised in a worker reaches the caller as its own message alone.
+
+    PyTorch re-raises a worker's exception with the worker's whole traceback inside the message; for errors
+    meant for users (an unreadable image, a cache miss) only the original message is worth showing.
+    """
+    try:
+        yield from batches
+    except CxrError as error:
+        text = str(error)
+        if not (text.startswith("Caught ") and "Original Traceback" in text):
+            raise
+        last = text.strip().splitlines()[-1]  # "cxr.transforms.ImageReadError: /data/x.png: not a decodable image"
+        message = last.split(": ", 1)[1] if ": " in last else last
+        try:
+            clean = type(error)(message)
+        except TypeError:  # an error class with another constructor: keep it as it came
+            raise error from None
+        raise clean from None
 
 
 # BBox_List_2017.csv coordinates live in the 1024 x 1024 pixel space of the NIH PNGs, whatever a file's own size.

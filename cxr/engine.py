@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr.data import unwrap_worker_errors
 from cxr.device import DevicePolicy
 from cxr.distributed import DistContext, RankZero, any_rank, gather_predictions
 from cxr.errors import CxrError
@@ -33,7 +34,7 @@ def train_one_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim
     steps = images_seen = 0
     started = time.perf_counter()
     total = min(len(loader), max_steps) if max_steps else len(loader)
-    bar = log.progress(loader, total=total, desc=f"epoch {epoch + 1} train", leave=False)
+    bar = log.progress(unwrap_worker_errors(loader), total=total, desc=f"epoch {epoch + 1} train", leave=False)
     for images, targets, _ in bar:
         inputs, targets = policy.inputs(images), targets.to(policy.device, non_blocking=True)
         with policy.autocast():
@@ -88,7 +89,8 @@ def predict(model: nn.Module, loader: Any, ctx: DistContext, policy: DevicePolic
     model.eval()
     positions, logits_all, labels_all = [], [], []
     started = time.perf_counter()
-    iterable = log.progress(loader, desc=desc, leave=False) if log is not None else loader
+    batches = unwrap_worker_errors(loader)
+    iterable = log.progress(batches, total=len(loader), desc=desc, leave=False) if log is not None else batches
     for images, targets, index in iterable:
         inputs = policy.inputs(images)
         with policy.autocast():

@@ -10,9 +10,11 @@ and exits non-zero. Anything else is a real bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class CxrError(Exception):
@@ -36,3 +38,13 @@ def run_main(main: Callable[[], int], error_status: int = 1) -> int:
         if is_rank_zero():
             print(f"error: {error}", file=sys.stderr, flush=True)
         return error_status
+
+
+def describe_os_error(error: OSError, path: Path | str) -> str:
+    """'no space left on device / not writable: PATH' style text for a failed write."""
+    where = getattr(error, "filename", None) or path
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device holding {where}; free some space or choose another folder"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not writable: {where} ({error.strerror}); choose a folder you can write to"
+    return f"cannot write {where}: {error.strerror or error}"

@@ -22,7 +22,7 @@ import yaml
 
 from cxr.checkpoint import BEST_NAME, LAST_NAME
 from cxr.distributed import DistContext, broadcast_object
-from cxr.errors import CxrError
+from cxr.errors import CxrError, describe_os_error
 
 try:
     import fcntl
@@ -110,18 +110,6 @@ def open_run_dir(config, ctx: DistContext, resuming: bool, log=print) -> RunDir:
     if error:
         raise RunDirError(error)
     return RunDir(Path(config.out), handle)
-
-
-def describe_os_error(error: OSError, path: Path | str) -> str:
-    """'no space left on device / not writable: PATH' style text for a failed write."""
-    import errno
-
-    where = getattr(error, "filename", None) or path
-    if error.errno == errno.ENOSPC:
-        return f"no space left on the device holding {where}; free some space or choose another folder"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"not writable: {where} ({error.strerror}); choose a folder you can write to"
-    return f"cannot write {where}: {error.strerror or error}"
 
 
 def write_text_checked(path: Path, text: str) -> None:

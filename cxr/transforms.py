@@ -33,6 +33,8 @@ from cxr.errors import ConfigError, CxrError
 PREPROCESS_CHOICES = ("clahe", "equalize", "clahe+equalize", "none")
 PREPROCESS_TEXT = "clahe, equalize, clahe+equalize or none"
 DICOM_SUFFIXES = (".dcm", ".dicom")
+MIN_IMAGE_SIDE = 32  # smaller than any X-ray worth reading: a placeholder or a damaged file
+MAX_IMAGE_SIDE = 16384  # NIH PNGs are 1024; digital radiographs stay well under 5000
 
 
 class ImageReadError(CxrError, ValueError):
@@ -66,10 +68,29 @@ def read_xray(path: str | Path) -> np.ndarray:
         buffer = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise ImageReadError(f"{path}: cannot read image file ({error.strerror or error})") from error
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
+    width, height = png_size(buffer)
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageReadError(f"{path}: its PNG header claims {width} x {height} pixels, implausible for an X-ray "
+                             f"(over {MAX_IMAGE_SIDE} per side); the file is damaged or not an X-ray: remove it")
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
+    except cv2.error as error:  # e.g. a header whose size exceeds OpenCV's limits
+        raise ImageReadError(f"{path}: OpenCV cannot decode it ({str(error).strip().splitlines()[-1][:200]}); "
+                             "re-download or remove it") from error
     if image is None:
         raise ImageReadError(f"{path}: not a decodable image (truncated or corrupt?); re-download or remove it")
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ImageReadError(f"{path}: {image.shape[1]} x {image.shape[0]} pixels is implausibly small for an X-ray "
+                             f"(under {MIN_IMAGE_SIDE} per side); remove it or replace it with the real image")
     return to_uint8_gray(image)
+
+
+def png_size(buffer: np.ndarray) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; (0, 0) when the bytes are not a PNG (JPEG, say)."""
+    head = buffer[:24].tobytes()
+    if len(head) < 24 or not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+        return 0, 0
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 def read_dicom(path: str) -> np.ndarray:
