@@ -215,3 +215,28 @@ def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nih") / "data"
     generate_synthetic_nih(root, patients=14, size=64, seed=3)
     return root
+
+
+def test_the_header_check_catches_implausible_sizes(tmp_path: Path) -> None:
+    from cxr.preflight import png_mode
+
+    with pytest.raises(ImageReadError, match=r"claims 100000 x 100000 pixels, implausible for an X-ray \(expected 32\.\.16384"):
+        png_mode(str(png_claiming(tmp_path / "huge.png", 100000, 100000)))
+    assert png_mode(str(png_claiming(tmp_path / "fine.png", 1024, 1024))) == "L"
+
+
+@pytest.mark.slow
+def test_explain_skip_missing_on_a_partial_download(tiny_run, tmp_path: Path, capsys) -> None:
+    import explain
+
+    partial = Path(shutil.copytree(tiny_run["data_dir"], tmp_path / "partial"))
+    data = load_nih(partial)
+    missing = data.index.image_names[data.splits["test"][0]]
+    (partial / "images" / missing).unlink()
+    common = ["--checkpoint", str(tiny_run["best"]), "--data-dir", str(partial), "--split", "test", "--limit", "2",
+              "--classes", "Mass"]
+    assert explain.main([*common, "--out", str(tmp_path / "strict")]) == 1
+    assert "--skip-missing" in capsys.readouterr().err  # the advice given is a flag explain.py has
+    assert explain.main([*common, "--skip-missing", "--out", str(tmp_path / "out")]) == 0
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(predictions) == 2 and missing not in predictions
