@@ -32,7 +32,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _missing(what: str, how: str) -> str:
-    return f"_Missing: {what}. {how}_"
+    return f"_Missing: {what}. {how[0].upper() + how[1:]}_"
 
 
 def _read_json(path: Path) -> Any:
@@ -93,7 +93,8 @@ def _training_section(config: dict, best: dict, last: dict | None) -> list[str]:
              f"{config.get('batch_size')} per process, label smoothing {config.get('label_smoothing')}, pos_weight "
              f"{config.get('pos_weight')}, early stopping patience {config.get('patience')}.",
              f"- Epochs run: {(last or best).get('epoch')}" + ("" if last else " (no last.pt: taken from best.pt)")
-             + f"; best.pt written after epoch {best.get('epoch')} (validation criterion {_fmt(best.get('best_metric'), 4)})."]
+             + f"; best.pt written after epoch {best.get('epoch')} (its validation criterion: {_fmt(best.get('best_metric'), 4)}; "
+             "mean AUROC, or minus the loss while AUROC is undefined)."]
     if history:
         lines += ["", "| epoch | phase | train loss | val loss | val mean AUROC |", "| ---: | ---: | ---: | ---: | ---: |"]
         for entry in history:
@@ -149,7 +150,7 @@ def _calibration_section(run: Path, metrics: dict | None) -> list[str]:
         lines.append(f"- Temperature scaling ({paths[0].relative_to(run)}), applied by `cxr.Classifier` and scripts/predict.py: "
                      + ", ".join(f"{name} {temperatures[name]:.3g}" for name in FINDINGS if name in temperatures) + ".")
     else:
-        lines.append(_missing("calibration.json", "predictions are plain sigmoid probabilities; evaluate.py writes it once calibration is fitted"))
+        lines.append("- " + _missing("calibration.json", "predictions are plain sigmoid probabilities; evaluate.py writes it once calibration is fitted"))
     return lines + [""]
 
 
