@@ -14,6 +14,8 @@ Each pair runs the same files or the same batch, interleaved, best of a few roun
   gradcam14_vs_forward    GradCAM of all 14 classes vs one no_grad forward (time, lower wins) goal <= 2.0
   data_wait_fraction      make_loader (trainer settings, cache) feeding train_one_epoch: share of step
                           time spent waiting for the next batch                               goal < 0.05 on GPU
+  predict_files_vs_bare_forward  scripts/predict.py's path (Classifier over the PNG files, decoding in --workers
+                          processes) vs a no_grad forward of as many ready images             goal >= 0.9
 It also times the full evaluation report on NIH-sized predictions (25,596 test images x 14 findings, 2,797
 patients; 8,600 validation images; 77,900 training rows for the metadata baseline), on one core: calibration,
 thresholds, 1,000 patient-bootstrap resamples, subgroups (sex, age, view) with their own bootstraps, the metadata
@@ -68,6 +70,7 @@ from cxr.transforms import Preprocessing  # noqa: E402
 GOALS: dict[str, tuple[str, float]] = {
     "png_pipeline_vs_decode": (">=", 0.85), "cache_vs_png_pipeline": (">=", 10.0), "train_step_vs_bare": (">=", 0.9),
     "eval_vs_bare_forward": (">=", 0.9), "gradcam14_vs_forward": ("<=", 2.0), "data_wait_fraction": ("<", 0.05),
+    "predict_files_vs_bare_forward": (">=", 0.9),
 }
 GPU_TRAIN_AIM = 3500.0  # images/s, DenseNet121 at 224 px from the cache on one H100/H200
 EVALUATION_REPORT_GOAL_SECONDS = 10.0  # on one core, for the NIH test split
@@ -357,6 +360,31 @@ def measure_inference(bench: Bench, model: CXRNet) -> tuple[dict[str, float], di
     return evaluation, explanation
 
 
+def measure_predict_files(bench: Bench, model: CXRNet) -> dict[str, float]:
+    """scripts/predict.py's path (Classifier.iter_predict over the PNG files: decode in --workers processes,
+    preprocessing, batches, forward) vs a bare no_grad forward of as many ready batches; images/s of each."""
+    from cxr.predict import Classifier
+
+    clf = Classifier(model, bench.config, {"config": bench.config.to_dict()}, bench.device, batch_size=bench.args.batch_size,
+                     workers=bench.args.workers)
+    rows = np.resize(np.arange(len(bench.data.index)), bench.args.steps * bench.args.batch_size)
+    items = [(bench.data.index.image_names[row], bench.data.index.image_path(row)) for row in rows]
+
+    def files(count: int) -> None:
+        for _ in clf.iter_predict(items[: count * bench.args.batch_size]):
+            pass
+
+    def forward(count: int) -> None:
+        with torch.no_grad(), bench.policy.autocast():
+            for _ in range(count):
+                model(bench.inputs)
+
+    seconds = best_seconds(bench.device, {"files": files, "forward": forward}, 1, bench.args.steps, bench.args.rounds)
+    model.train()
+    images = bench.args.steps * bench.args.batch_size
+    return {"predict_files_images_per_s": images / seconds["files"], "predict_bare_forward_images_per_s": images / seconds["forward"]}
+
+
 def measure_data_wait(bench: Bench, trainer: Callable[..., dict]) -> tuple[float, float]:
     """The trainer's DataLoader over the cache feeding our step: (seconds waiting for batches, seconds in all).
 
@@ -412,6 +440,9 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
     figures["gradcam14_seconds_per_batch"] = explanation["gradcam"]
     figures["forward_seconds_per_batch"] = explanation["forward"]
 
+    note(started, "predict.py's path over the PNG files vs bare forward")
+    figures.update(measure_predict_files(bench, model))
+
     note(started, "DataLoader feeding the training step")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -431,6 +462,7 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
         "eval_vs_bare_forward": evaluation["forward"] / evaluation["predict"],
         "gradcam14_vs_forward": explanation["gradcam"] / explanation["forward"],
         "data_wait_fraction": figures["data_wait_seconds"] / window,
+        "predict_files_vs_bare_forward": figures["predict_files_images_per_s"] / figures["predict_bare_forward_images_per_s"],
     }
     amp = "off" if bench.policy.amp_dtype is None else str(bench.policy.amp_dtype).replace("torch.", "")
     return {"device": f"{device} ({torch.cuda.get_device_name(device)})" if cuda else str(device),

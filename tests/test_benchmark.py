@@ -24,7 +24,7 @@ from cxr.synthetic import generate_synthetic_nih
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "benchmark.py"
 RATIO_KEYS = ["png_pipeline_vs_decode", "cache_vs_png_pipeline", "train_step_vs_bare", "eval_vs_bare_forward",
-              "gradcam14_vs_forward", "data_wait_fraction"]
+              "gradcam14_vs_forward", "data_wait_fraction", "predict_files_vs_bare_forward"]
 FIGURE_KEYS = ["decode_images_per_s_per_core", "png_pipeline_images_per_s_per_core",
                "cache_pipeline_images_per_s_per_core", "train_step_images_per_s", "bare_train_step_images_per_s",
                "predict_images_per_s", "bare_forward_images_per_s",
@@ -72,7 +72,8 @@ def test_report_structure(tiny_run: tuple[subprocess.CompletedProcess, dict]) ->
     assert list(report["goals"]) == RATIO_KEYS and list(report["goals_met"]) == RATIO_KEYS
     assert report["goals"] == {"png_pipeline_vs_decode": ">= 0.85", "cache_vs_png_pipeline": ">= 10",
                                "train_step_vs_bare": ">= 0.9", "eval_vs_bare_forward": ">= 0.9",
-                               "gradcam14_vs_forward": "<= 2", "data_wait_fraction": "< 0.05"}
+                               "gradcam14_vs_forward": "<= 2", "data_wait_fraction": "< 0.05",
+                               "predict_files_vs_bare_forward": ">= 0.9"}
     for name, value in report["ratios"].items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)
     assert report["ratios"]["data_wait_fraction"] < 1.0  # a share of the step time
