@@ -40,7 +40,7 @@ class CheckpointError(CxrError, RuntimeError):
     """A checkpoint file exists but cannot or must not be loaded."""
 
 
-class CheckpointWriteError(CxrError):
+class CheckpointWriteError(CxrError, OSError):
     """A checkpoint could not be written (full disk, read-only folder); the previous file is intact."""
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from cxr.data import DataError, NihIndex, build_splits, find_table, locate_images, read_nih_table, table_to_index
 from cxr.labels import FINDINGS, NO_FINDING
 from cxr.subgroups import MAX_PLAUSIBLE_AGE, impossible_ages
-from cxr.transforms import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, ImageReadError, read_xray
+from cxr.transforms import MAX_IMAGE_SIDE, ImageReadError, read_xray
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -42,13 +42,13 @@ def png_mode(path: str) -> str:
     if head.startswith(JPEG_SIGNATURE):
         return "JPEG"  # a JPEG under a .png name: train and evaluate decode it by content, and so do we
     if len(head) < 29 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        raise ImageReadError(f"{path}: neither a PNG nor a JPEG file")
+        raise ImageReadError(f"{path}: not a PNG file (nor a JPEG)")
     if tail != PNG_IEND:
         raise ImageReadError(f"{path}: truncated PNG (no IEND chunk at the end)")
     width, height = struct.unpack(">II", head[16:24])
-    if max(width, height) > MAX_IMAGE_SIDE or min(width, height) < MIN_IMAGE_SIDE:
+    if max(width, height) > MAX_IMAGE_SIDE:  # too small is found by the decode (read_xray) instead
         raise ImageReadError(f"{path}: its PNG header claims {width} x {height} pixels, implausible for an X-ray "
-                             f"(expected {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE} per side)")
+                             f"(over {MAX_IMAGE_SIDE} per side)")
     bit_depth, color_type = struct.unpack(">BB", head[24:26])
     return PNG_MODES.get((color_type, bit_depth), f"color{color_type};{bit_depth}")
 
@@ -72,7 +72,7 @@ def preflight(data_dir: str | Path, skip_missing: bool = False, decode: bool = F
     if len(index) == 0:
         raise DataError(f"{table_path}: the table has a header but no image rows; download the full Data_Entry_2017.csv again")
     found = index.image_dir_ids >= 0
-    if not found.any():
+    if skip_missing and not found.any():
         where = ", ".join(index.image_dirs) or f"{data_dir}/images (no image folder found)"
         raise DataError(f"none of the {len(index)} images listed in {table_path.name} is on disk under {where}; "
                         "download the images (images/ or images_001/images/ ...) into the data folder")
