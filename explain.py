@@ -27,7 +27,19 @@ from cxr.data import read_box_list
 from cxr.device import device_policy
 from cxr.distributed import setup_distributed
 from cxr.errors import ConfigError, run_main
-from cxr.explainer import ALL_METHODS, DEFAULT_METHOD, Explainer, collect_files, explain_images, method_label, parse_methods, unique_names
+from cxr.explainer import (
+    ALL_METHODS,
+    DEFAULT_CAM,
+    DEFAULT_METHOD,
+    OCCLUSION_AUTO_MAX,
+    Explainer,
+    collect_files,
+    explain_images,
+    method_label,
+    parse_methods,
+    resolve_method,
+    unique_names,
+)
 from cxr.factory import load_data, load_trained_model, resolve_data_dir
 from cxr.localization_report import localization_report, write_json
 from cxr.rundir import writable_folder
@@ -40,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="a best.pt/last.pt (default: the newest runs/*/best.pt)")
     parser.add_argument("--out", help="output folder (default: <run dir>/explain)")
     parser.add_argument("--classes", default="top3", help="top3 (any topN), all, or names: Effusion,Mass")
-    parser.add_argument("--method", default=DEFAULT_METHOD, help=f"one of {', '.join(ALL_METHODS)}, optionally "
-                        f"with its layer: layercam@features.denseblock2 (default: {DEFAULT_METHOD})")
+    parser.add_argument("--method", default=DEFAULT_METHOD, help=f"one of {', '.join(ALL_METHODS)}, optionally with its "
+                        f"layer (layercam@features.denseblock2), or auto: occlusion for inputs up to {OCCLUSION_AUTO_MAX} px, "
+                        f"else {DEFAULT_CAM} (default: auto)")
     parser.add_argument("--methods", help="localization report / sanity check: comma-separated methods, the first is "
                         "the default (default: --method, then every other method)")
     parser.add_argument("--layer", help="CAM target module, e.g. features.denseblock3 (default: the last feature map)")
@@ -81,7 +94,7 @@ def method_specs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
         return parse_methods(args.methods, args.layer)
     if not (args.localization_report or args.sanity_check):
         return first
-    others = [spec for spec in parse_methods(",".join(ALL_METHODS), args.layer) if spec != first[0]]
+    others = [spec for spec in parse_methods(",".join([DEFAULT_CAM, *ALL_METHODS]), args.layer) if spec != first[0]]
     return first + others
 
 
@@ -100,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     preprocessing = Preprocessing.from_checkpoint(checkpoint)
     patch = args.occlusion_patch or max(1, preprocessing.size // 8)
     stride = args.occlusion_stride or max(1, preprocessing.size // 16)
+    args.method = resolve_method(args.method, preprocessing.size)
     specs = method_specs(args)
 
     def explainer_for(method: str, layer: str | None) -> Explainer:

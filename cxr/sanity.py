@@ -138,7 +138,7 @@ def sanity_figure(gray: np.ndarray, shown: list[dict[str, np.ndarray]], index: i
     label_width, header = 200, 40
     rows = [np.full((header, label_width + tile * len(labels), 3), 255, np.uint8)]
     for column, label in enumerate(labels):
-        cv2.putText(rows[0], label[:22], (label_width + column * tile + 4, 26), FONT, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(rows[0], label.replace("features.", "")[:24], (label_width + column * tile + 4, 26), FONT, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
     for stage, maps in zip(stages, shown):
         row = np.full((tile, label_width, 3), 255, np.uint8)
         for line, text in enumerate(stage.split("+")):
