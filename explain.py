@@ -1,8 +1,10 @@
-"""Explain predictions with Grad-CAM: heatmaps, boxes, and localization scored against BBox_List_2017.csv.
+"""Explain predictions: saliency maps (Grad-CAM family, occlusion), boxes, localization scores, sanity checks.
 
-    python explain.py --checkpoint runs/X/best.pt chest1.png scans/ --classes top3     # any PNG/JPEG/DICOM
+    python explain.py --checkpoint runs/X/best.pt chest1.png scans/ --classes top3 --panel   # any PNG/JPEG/DICOM
     python explain.py --data-dir /data/nih --split test --limit 16 --boxes /data/nih/BBox_List_2017.csv
-    python explain.py --data-dir /data/nih --boxes /data/nih/BBox_List_2017.csv --localization-report runs/X/loc
+    python explain.py --data-dir /data/nih --boxes /data/nih/BBox_List_2017.csv --localization-report runs/X/loc \
+        --methods layercam@features.denseblock2,gradcam,occlusion
+    python explain.py --sanity-check runs/X/sanity          # Adebayo et al. 2018 cascading randomization
 
 Without --checkpoint the newest runs/*/best.pt is used. Writes one overlay PNG per image and class (heatmap,
 predicted boxes in magenta, ground truth in green) and predictions.json with probabilities and boxes. Overlays
@@ -18,18 +20,32 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from cxr.calibration import find_calibration, load_calibration
 from cxr.checkpoint import find_latest_best
 from cxr.data import read_box_list
 from cxr.device import device_policy
 from cxr.distributed import setup_distributed
 from cxr.errors import ConfigError, run_main
-from cxr.explainer import Explainer, collect_files, explain_images, unique_names
+from cxr.explainer import (
+    ALL_METHODS,
+    DEFAULT_CAM,
+    DEFAULT_METHOD,
+    OCCLUSION_AUTO_MAX,
+    Explainer,
+    collect_files,
+    explain_images,
+    method_label,
+    parse_methods,
+    resolve_method,
+    unique_names,
+)
 from cxr.factory import load_data, load_trained_model, resolve_data_dir
-from cxr.gradcam import METHODS
 from cxr.localization_report import localization_report, write_json
 from cxr.rundir import writable_folder
-from cxr.transforms import Preprocessing
+from cxr.transforms import Preprocessing, read_xray
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="a best.pt/last.pt (default: the newest runs/*/best.pt)")
     parser.add_argument("--out", help="output folder (default: <run dir>/explain)")
     parser.add_argument("--classes", default="top3", help="top3 (any topN), all, or names: Effusion,Mass")
-    parser.add_argument("--method", default="gradcam", choices=METHODS)
-    parser.add_argument("--layer", help="Grad-CAM target module, e.g. features.denseblock3 (default: the last feature map)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, help=f"one of {', '.join(ALL_METHODS)}, optionally with its "
+                        f"layer (layercam@features.denseblock2), or auto: occlusion for inputs up to {OCCLUSION_AUTO_MAX} px, "
+                        f"else {DEFAULT_CAM} (default: auto)")
+    parser.add_argument("--methods", help="localization report / sanity check: comma-separated methods, the first is "
+                        "the default (default: --method, then every other method)")
+    parser.add_argument("--layer", help="CAM target module, e.g. features.denseblock3 (default: the last feature map)")
+    parser.add_argument("--occlusion-patch", type=int, default=0, help="occlusion patch side in input pixels (0: input/8)")
+    parser.add_argument("--occlusion-stride", type=int, default=0, help="occlusion step in input pixels (0: input/16)")
+    parser.add_argument("--panel", action="store_true", help="also one panel per image: all explained findings side by side")
+    parser.add_argument("--sanity-check", metavar="OUT", help="cascading randomization of the weights; write OUT/sanity.json")
+    parser.add_argument("--sanity-images", type=int, default=8, help="test images for --sanity-check")
     parser.add_argument("--box-threshold", type=float, default=0.5, help="heat >= this fraction of the map's max makes a box")
     parser.add_argument("--boxes", help="BBox_List_2017.csv: draw ground-truth boxes of the images it knows "
                         "(dataset images: the data folder's own box list by default)")
@@ -58,6 +83,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit < 0:
         raise ConfigError(f"--limit must be >= 0 (0: all), got {args.limit}")
+    if args.occlusion_patch < 0 or args.occlusion_stride < 0 or args.sanity_images < 1:
+        raise ConfigError("--occlusion-patch and --occlusion-stride must be >= 0 (0: automatic), --sanity-images >= 1")
+    if args.localization_report and args.sanity_check:
+        raise ConfigError("--localization-report and --sanity-check are separate runs: give one of them")
+
+
+def method_specs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(method, layer) pairs: --methods as given, or for reports --method first and then every other method."""
+    first = parse_methods(args.method, args.layer)
+    if args.methods:
+        return parse_methods(args.methods, args.layer)
+    if not (args.localization_report or args.sanity_check):
+        return first
+    others = [spec for spec in parse_methods(",".join([DEFAULT_CAM, *ALL_METHODS]), args.layer) if spec != first[0]]
+    return first + others
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,11 +112,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint: {checkpoint_path}")
     policy = device_policy(config, ctx.device)
     policy.prepare_model(model)
+    preprocessing = Preprocessing.from_checkpoint(checkpoint)
+    patch = args.occlusion_patch or max(1, preprocessing.size // 8)
+    stride = args.occlusion_stride or max(1, preprocessing.size // 16)
+    args.method = resolve_method(args.method, preprocessing.size)
+    specs = method_specs(args)
     calibration_path = find_calibration(checkpoint_path)
+    calibration = load_calibration(calibration_path) if calibration_path else None
     if calibration_path is not None:
         print(f"calibration: {calibration_path} (temperature-scaled probabilities)")
-    explainer = Explainer(model, Preprocessing.from_checkpoint(checkpoint), policy, args.method, args.box_threshold, args.layer,
-                          calibration=load_calibration(calibration_path) if calibration_path else None)
+
+    def explainer_for(method: str, layer: str | None) -> Explainer:
+        return Explainer(model, preprocessing, policy, method, args.box_threshold, layer, patch, stride, calibration)
+
+    explainer = explainer_for(*specs[0])
     truth = read_box_list(args.boxes) if args.boxes else {}
     if args.data_dir:
         config.data_dir = args.data_dir
@@ -95,8 +144,21 @@ def run(args: argparse.Namespace) -> int:
         report_truth = dataset_truth(data)
         if not report_truth:
             raise ConfigError(f"--localization-report needs --boxes BBox_List_2017.csv ({data.data_dir} has none)")
-        localization_report(explainer, data, report_truth, out, args.batch_size)
+        explainers = {method_label(*spec): explainer_for(*spec) for spec in specs}
+        localization_report(explainers, data, report_truth, out, args.batch_size)
         print(f"wrote localization.json and contact_sheet.png to {out}")
+        return 0
+
+    if args.sanity_check:
+        from cxr.sanity import sanity_check
+
+        out = writable_folder(Path(args.sanity_check))
+        data = load_data(config, resolve_data_dir(config, ctx))
+        rows = data.splits[args.split or "test"][: args.sanity_images]
+        grays = np.stack([preprocessing(read_xray(data.index.image_path(row))) for row in rows])
+        images = policy.inputs(torch.from_numpy(grays).unsqueeze(1))
+        sanity_check(model, images, [method_label(*spec) for spec in specs], out, (patch, stride))
+        print(f"wrote sanity.json and sanity_*.png to {out}")
         return 0
 
     out = writable_folder(Path(args.out) if args.out else checkpoint_path.parent / "explain")
@@ -112,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         items = [(data.index.image_names[row], data.index.image_path(row)) for row in rows]
         names = [name for name, _ in items]
     disambiguate = any("/" in name for name in names)
-    results, failures = explain_images(explainer, items, truth, out, args.classes, args.batch_size, disambiguate)
+    results, failures = explain_images(explainer, items, truth, out, args.classes, args.batch_size, disambiguate, args.panel)
     write_json(out / "predictions.json", results)
     if failures:
         write_json(out / "failed.json", failures)

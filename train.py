@@ -96,7 +96,7 @@ def fit(config: Config, resumed: dict | None, ctx, run_dir: Path, data, preproce
     val_loader = make_loader(val_set, config, ctx, train=False, batch_size=config.batch_size * 2)
 
     weights = config.weights if config.weights != "auto" else ("none" if config.is_demo else "imagenet")
-    model = build_model("none" if resumed else weights, config.hidden_sizes, config.dropout, config.output_stride)
+    model = build_model("none" if resumed else weights, config.hidden_sizes, config.dropout, config.output_stride, config.pool, config.lse_r)
     if config.sync_bn and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     policy.prepare_model(model)

@@ -53,6 +53,8 @@ class Config:
     hidden: str = _opt("512", "hidden sizes of the dense head, comma separated (empty: one linear layer)")
     dropout: float = _opt(0.5, "dropout in the dense head")
     output_stride: int = _opt(32, "trunk output stride: 32 (standard), or 16/8 (last blocks dilated: finer Grad-CAM maps, slower)", (32, 16, 8))
+    pool: str = _opt("avg", "global pooling of the last feature map: avg, lse (log-sum-exp, Wang et al. 2017) or max", ("avg", "lse", "max"))
+    lse_r: float = _opt(10.0, "sharpness r of --pool lse: avg as r -> 0, max as r -> infinity")
     # optimisation
     epochs: int = _opt(30, "total epochs (warm-up included)")
     warmup_epochs: int = _opt(3, "phase 1: epochs with the trunk frozen, only the head trains")
@@ -289,6 +291,8 @@ def validate(config: Config) -> None:
         problems.append("--workers must be >= 0")
     if config.output_stride not in (32, 16, 8):
         problems.append(f"--output-stride must be 32, 16 or 8, got {config.output_stride!r}")
+    if not (math.isfinite(config.lse_r) and config.lse_r > 0):
+        problems.append(f"--lse-r must be a positive number, got {config.lse_r!r}")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -10,6 +10,7 @@ against ground-truth boxes.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
@@ -22,13 +23,32 @@ from cxr.calibration import apply_calibration
 from cxr.data import BOX_SPACE
 from cxr.device import DevicePolicy
 from cxr.errors import ConfigError
-from cxr.gradcam import GradCAM
+from cxr.gradcam import METHODS, GradCAM
 from cxr.labels import FINDINGS
-from cxr.localization import heatmap_to_boxes, overlay
+from cxr.localization import heatmap_to_boxes
+from cxr.occlusion import Occlusion, patch_positions
+from cxr.overlays import overlay, panel
 from cxr.rundir import OutputWriteError
 from cxr.transforms import DICOM_SUFFIXES, ImageReadError, Preprocessing, read_xray
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *DICOM_SUFFIXES)
+
+
+# Grad-CAM family methods (one layer's activations and gradients) and the model-agnostic reference.
+CAM_METHODS = METHODS
+ALL_METHODS = (*METHODS, "occlusion")
+# `auto`: occlusion where it is cheap (inputs up to OCCLUSION_AUTO_MAX px: 225 small forwards per image) and the
+# measured best of the Grad-CAM family elsewhere; README "Explanations" has the figures behind both choices.
+DEFAULT_METHOD = "auto"
+DEFAULT_CAM = "hirescam@features.denseblock2"
+OCCLUSION_AUTO_MAX = 128
+
+
+def resolve_method(spec: str, image_size: int) -> str:
+    """`auto` -> occlusion for inputs of at most OCCLUSION_AUTO_MAX px, else DEFAULT_CAM; anything else unchanged."""
+    if spec != "auto":
+        return spec
+    return "occlusion" if image_size <= OCCLUSION_AUTO_MAX else DEFAULT_CAM
 
 
 def find_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -40,16 +60,56 @@ def find_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return modules[name]
 
 
-class Explainer:
-    """Grad-CAM of all 14 classes for batches of gray images, with the checkpoint's preprocessing."""
+def parse_methods(spec: str, layer: str | None = None) -> list[tuple[str, str | None]]:
+    """`gradcam,layercam@features.denseblock2,occlusion` -> [(method, layer or None)]; `--layer` fills the rest."""
+    chosen = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        method, _, own_layer = item.partition("@")
+        if method not in ALL_METHODS:
+            raise ConfigError(f"--method(s) {item!r}: unknown method {method!r}; choose from {', '.join(ALL_METHODS)} "
+                              "(a CAM method may name its layer: layercam@features.denseblock2)")
+        if method == "occlusion" and own_layer:
+            raise ConfigError(f"--methods {item!r}: occlusion works on the input image and takes no layer")
+        chosen.append((method, None if method == "occlusion" else (own_layer or layer)))
+    if not chosen:
+        raise ConfigError(f"--methods {spec!r}: name at least one of {', '.join(ALL_METHODS)}")
+    return chosen
 
-    def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, policy: DevicePolicy, method: str = "gradcam",
-                 box_threshold: float = 0.5, layer: str | None = None, calibration: dict | None = None):
+
+def method_label(method: str, layer: str | None) -> str:
+    """The name a method's results are filed under: `layercam@features.denseblock2`, or the bare method."""
+    return f"{method}@{layer}" if layer else method
+
+
+def build_saliency(model: torch.nn.Module, method: str, layer: str | None = None, occlusion_patch: int = 8,
+                   occlusion_stride: int = 4, occlusion_batch: int = 256) -> GradCAM | Occlusion:
+    """The callable images -> (maps [B, K, H, W], logits) for one method; bad names are ConfigErrors."""
+    parse_methods(method, layer)
+    if method == "occlusion":
+        return Occlusion(model, occlusion_patch, occlusion_stride, occlusion_batch)
+    return GradCAM(model, target_layer=find_layer(model, layer) if layer else None, method=method)
+
+
+class Explainer:
+    """Maps of all 14 classes for batches of gray images (one method), with the checkpoint's preprocessing."""
+
+    def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, policy: DevicePolicy, method: str = DEFAULT_METHOD,
+                 box_threshold: float = 0.5, layer: str | None = None, occlusion_patch: int = 8, occlusion_stride: int = 4,
+                 calibration: dict | None = None):
         if not 0 < box_threshold <= 1:
             raise ConfigError(f"--box-threshold must be in (0, 1] (a fraction of the map's maximum), got {box_threshold}")
-        self.cam = GradCAM(model, target_layer=find_layer(model, layer) if layer else None, method=method)
+        method = resolve_method(method, preprocessing.size)
+        if "@" in method:
+            (method, layer), = parse_methods(method, layer)
+        self.cam = build_saliency(model, method, layer, occlusion_patch, occlusion_stride)
+        if method == "occlusion":
+            patch_positions(preprocessing.size, occlusion_patch, occlusion_stride)  # a patch too large fails now
+            layer = None
+        self.method, self.label = method, method_label(method, layer)
         self.preprocessing, self.policy, self.box_threshold = preprocessing, policy, box_threshold
-        self.layer = layer or "last feature map"
+        self.layer = layer or ("input image" if method == "occlusion" else "last feature map")
         self.calibration = calibration  # cxr.calibration's per-class temperatures, or None for raw probabilities
         self.output_stride = getattr(model, "output_stride", None)
 
@@ -123,6 +183,14 @@ def write_image(path: Path, rgb: np.ndarray) -> None:
         raise OutputWriteError(f"cannot write {path}: no space left on the device, or the folder is not writable")
 
 
+def write_json(path: Path, content: object) -> None:
+    """Write JSON; a failed write is an OutputWriteError naming the file."""
+    try:
+        path.write_text(json.dumps(content, indent=2))
+    except OSError as error:
+        raise OutputWriteError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -139,8 +207,9 @@ def _read_all(chunk: Sequence[tuple[str, str]]) -> tuple[list, list[dict]]:
 
 
 def explain_images(explainer: Explainer, items: Sequence[tuple[str, str]], truth: dict, out: Path, classes: str,
-                   batch_size: int, disambiguate: bool = False) -> tuple[dict, list[dict]]:
-    """Overlays and predictions for (name, path) items: (predictions.json content, unreadable images)."""
+                   batch_size: int, disambiguate: bool = False, with_panel: bool = False) -> tuple[dict, list[dict]]:
+    """Overlays (and with `with_panel` one panel of all explained findings per image) and predictions for
+    (name, path) items: (predictions.json content, unreadable images)."""
     choose_classes(classes, np.zeros(len(FINDINGS)))  # a bad --classes fails before any work
     results: dict = {}
     failures: list[dict] = []
@@ -160,14 +229,21 @@ def explain_images(explainer: Explainer, items: Sequence[tuple[str, str]], truth
             entry = {"path": str(path), "size": [width, height],
                      "probabilities": {finding: round(float(p), 6) for finding, p in zip(FINDINGS, probs)},
                      "ground_truth": [{"finding": f, "box": list(box)} for f, box in known], "explained": {}}
+            pictures = []
             for column in choose_classes(classes, probs):
                 finding = FINDINGS[column]
                 boxes = explainer.boxes(image_maps[column], scale)
                 gt = [tuple(v * to_pixels[i % 2] for i, v in enumerate(box)) for f, box in known if f == finding]
-                picture = overlay(gray, image_maps[column], boxes, gt, title=f"{name}  {finding} p={probs[column]:.3f}")
+                picture = overlay(gray, image_maps[column], boxes, gt, label=finding,
+                                  title=f"{name}  {finding} p={probs[column]:.3f}  ({explainer.label})")
                 file = out / overlay_file_name(name, finding, disambiguate)
                 write_image(file, picture)
+                pictures.append(picture)
                 entry["explained"][finding] = {"probability": round(float(probs[column]), 6), "boxes": boxes, "overlay": file.name}
+            if with_panel:
+                file = out / overlay_file_name(name, "panel", disambiguate)
+                write_image(file, panel(pictures))
+                entry["panel"] = file.name
             results[name] = entry
             top = sorted(entry["probabilities"].items(), key=lambda item: -item[1])[:3]
             print(f"{name}: " + ", ".join(f"{finding} {p:.3f}" for finding, p in top))

@@ -131,7 +131,7 @@ def load_trained_model(checkpoint_path: str | Path, device: torch.device) -> tup
 
     checkpoint = load_checkpoint(checkpoint_path)
     config = Config.from_dict(checkpoint["config"])
-    model = build_model("none", config.hidden_sizes, config.dropout, config.output_stride)
+    model = build_model("none", config.hidden_sizes, config.dropout, config.output_stride, config.pool, config.lse_r)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

@@ -1,4 +1,12 @@
-"""Grad-CAM and Grad-CAM++ written from scratch: several classes of several images in one call.
+"""The Grad-CAM family written from scratch: several classes of several images in one call.
+
+Methods (`method=`), all from the activations A [C, h, w] of one layer and the gradients g = dy_k/dA:
+- `gradcam` (Selvaraju et al. 2017): ReLU(sum_c mean_ij(g_c) A_c), one weight per channel;
+- `gradcam++` (Chattopadhyay et al. 2018): channel weights from positive gradients with alpha coefficients;
+- `layercam` (Jiang et al. 2021): ReLU(sum_c ReLU(g_c) * A_c), element-wise, so it keeps the fine detail of
+  earlier layers where channel-wide weights blur it;
+- `hirescam` (Draelos & Carin 2020): ReLU(sum_c g_c * A_c), element-wise; for a head that is linear in the
+  map (mean pooling, then one linear layer) it sums exactly to the class score, i.e. it is faithful there.
 
     cam = GradCAM(model)                                     # fast path: the map out of model.forward_features
     maps, logits = cam(images, class_indices=range(14))      # maps [B, 14, H, W] in [0, 1], logits [B, 14]
@@ -34,11 +42,11 @@ from torch import nn
 
 __all__ = ["METHODS", "GradCAM"]
 
-METHODS = ("gradcam", "gradcam++")
+METHODS = ("gradcam", "gradcam++", "layercam", "hirescam")
 
 
 class GradCAM:
-    """Class activation maps (Grad-CAM or Grad-CAM++) for a model giving class logits."""
+    """Class activation maps (any of METHODS) for a model giving class logits."""
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | None = None, method: str = "gradcam"):
         if method not in METHODS:
@@ -100,7 +108,7 @@ class GradCAM:
 
 
 def cam_from_gradient(activation: torch.Tensor, gradient: torch.Tensor, method: str = "gradcam") -> torch.Tensor:
-    """ReLU(sum_c w_c A_c) [B, h, w] from activations and score gradients [B, C, h, w], before normalisation."""
+    """The method's map [B, h, w] from activations and score gradients [B, C, h, w], before normalisation."""
     activation, gradient = activation.float(), gradient.float()
     if method == "gradcam":
         weights = gradient.mean(dim=(2, 3))
@@ -111,6 +119,10 @@ def cam_from_gradient(activation: torch.Tensor, gradient: torch.Tensor, method: 
         nonzero = denominator != 0
         alpha = torch.where(nonzero, squared / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0.0)
         weights = (alpha * F.relu(gradient)).sum(dim=(2, 3))
+    elif method == "layercam":
+        return F.relu((F.relu(gradient) * activation).sum(dim=1))
+    elif method == "hirescam":
+        return F.relu((gradient * activation).sum(dim=1))
     else:
         raise ValueError(f"GradCAM method must be one of {METHODS}, got {method!r}")
     return F.relu(torch.einsum("bc,bchw->bhw", weights, activation))

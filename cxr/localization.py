@@ -1,4 +1,4 @@
-"""Heatmap -> boxes, box overlap arithmetic, localization scores and overlays for Grad-CAM maps.
+"""Heatmap -> boxes, box overlap arithmetic and localization scores (IoBB, IoU, pointing, AFP) for saliency maps.
 
     boxes = heatmap_to_boxes(heatmap, threshold=0.5, scale=(1024 / 224, 1024 / 224))  # NIH 1024 space
     iobb(pred_box=(100, 100, 50, 50), gt_box=(90, 90, 80, 80))   # 1.0: the detected box lies inside
@@ -7,7 +7,6 @@
          "heatmap": heatmap, "scale": (1024 / 224, 1024 / 224)},
     ])
     scores["overall"]["iobb"]["0.5"], scores["per_class"]["Mass"]["pointing"]
-    image_rgb = overlay(gray_1024, heatmap, boxes, gt_boxes=[(100, 100, 80, 80)], title="Mass 0.83")
 
 Boxes are (x, y, w, h) floats, or dicts with those keys (as `heatmap_to_boxes` returns); a box covers
 [x, x + w) x [y, y + h) in continuous pixel coordinates, so pixel column i spans [i, i + 1).
@@ -26,8 +25,6 @@ Box = Sequence[float] | Mapping[str, float]
 
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
 IOU_THRESHOLDS = (0.1, 0.3, 0.5)
-PRED_COLOUR = (255, 0, 255)  # magenta: absent from the jet colormap, unlike red or yellow
-GT_COLOUR = (0, 255, 0)
 
 
 def as_xywh(box: Box) -> tuple[float, float, float, float]:
@@ -144,6 +141,7 @@ def _rates(tally: dict) -> dict[str, object]:
         "iou": {str(t): tally["iou"][t] / boxes for t in IOU_THRESHOLDS},
         "pointing": tally["pointing_hits"] / tally["pointing_boxes"] if tally["pointing_boxes"] else None,
         "pointing_boxes": tally["pointing_boxes"],
+        "pointing_hits": tally["pointing_hits"],
     }
 
 
@@ -195,53 +193,33 @@ def localization_scores(records: Iterable[Mapping]) -> dict[str, object]:
     }
 
 
-def _draw_labelled_box(image: np.ndarray, box: Box, colour: tuple[int, int, int], label: str | None,
-                       thickness: int, font_scale: float) -> None:
-    x, y, w, h = as_xywh(box)
-    top_left = (int(round(x)), int(round(y)))
-    bottom_right = (int(round(x + w)) - 1, int(round(y + h)) - 1)
-    cv2.rectangle(image, top_left, bottom_right, colour, thickness)
-    if label:
-        _draw_text(image, label, (top_left[0], max(top_left[1] - thickness, 0)), colour, font_scale, thickness)
+def average_false_positives(groups: Iterable[Mapping]) -> dict[str, object]:
+    """Wang et al. 2017's AFP at each IoBB threshold: predicted boxes that hit no ground-truth box, per image.
 
-
-def _draw_text(image: np.ndarray, text: str, bottom_left: tuple[int, int], colour: tuple[int, int, int],
-               font_scale: float, thickness: int) -> None:
-    """Text on a filled black band, so it stays readable over any part of the heatmap."""
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    (width, height), baseline = cv2.getTextSize(text, font, font_scale, thickness)
-    x, y = bottom_left
-    y = max(y, height + baseline)
-    cv2.rectangle(image, (x, y - height - baseline), (x + width, y), (0, 0, 0), cv2.FILLED)
-    cv2.putText(image, text, (x, y - baseline), font, font_scale, colour, thickness, cv2.LINE_AA)
-
-
-def overlay(
-    gray_image: np.ndarray,
-    heatmap: np.ndarray,
-    pred_boxes: Iterable[Box] = (),
-    gt_boxes: Iterable[Box] | None = None,
-    title: str | None = None,
-    alpha: float = 0.4,
-) -> np.ndarray:
-    """RGB uint8 image: the heatmap (jet, resized to the image) blended over it, predicted boxes in magenta
-    (labelled with their score when they carry one), ground-truth boxes in green, and an optional title."""
-    gray_image = np.asarray(gray_image)
-    if gray_image.ndim != 2 or gray_image.dtype != np.uint8:
-        raise ValueError(f"overlay expects a 2-D uint8 grayscale image, got {gray_image.dtype} {gray_image.shape}")
-    height, width = gray_image.shape
-    heat = cv2.resize(np.asarray(heatmap, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    heat_uint8 = np.clip(np.nan_to_num(heat) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    colour_map = cv2.cvtColor(cv2.applyColorMap(heat_uint8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    base = cv2.cvtColor(gray_image, cv2.COLOR_GRAY2RGB)
-    image = cv2.addWeighted(colour_map, alpha, base, 1.0 - alpha, 0.0)
-    thickness = max(1, round(min(height, width) / 256))
-    font_scale = max(0.35, min(height, width) / 700)
-    for box in gt_boxes or ():
-        _draw_labelled_box(image, box, GT_COLOUR, None, thickness, font_scale)
-    for box in pred_boxes:
-        label = f"{box['score']:.2f}" if isinstance(box, Mapping) and "score" in box else None
-        _draw_labelled_box(image, box, PRED_COLOUR, label, thickness, font_scale)
-    if title:
-        _draw_text(image, title, (0, 0), (255, 255, 255), font_scale, thickness)
-    return image
+    One group per (image, finding): {"image": name, "finding": name, "gt_boxes": [boxes of that finding in
+    that image], "pred_boxes": [boxes predicted for it]}. A predicted box is a false positive at T when its
+    IoBB with every ground-truth box of its finding is <= T. Per class the count is divided by the images
+    that hold that finding, overall by the distinct images. Returns {"per_class": {name: {T: afp}},
+    "overall": {T: afp}} with thresholds as string keys.
+    """
+    per_class: dict[str, dict] = {}
+    total = dict.fromkeys(IOBB_THRESHOLDS, 0)
+    images: set[str] = set()
+    for group in groups:
+        finding = str(group["finding"])
+        gt_boxes = [as_xywh(box) for box in group["gt_boxes"]]
+        tally = per_class.setdefault(finding, {"images": set(), "fp": dict.fromkeys(IOBB_THRESHOLDS, 0)})
+        tally["images"].add(group["image"])
+        images.add(group["image"])
+        for box in group["pred_boxes"]:
+            best = max((iobb(box, gt) for gt in gt_boxes), default=0.0)
+            for threshold in IOBB_THRESHOLDS:
+                miss = best <= threshold
+                tally["fp"][threshold] += miss
+                total[threshold] += miss
+    order = [name for name in FINDINGS if name in per_class] + sorted(set(per_class) - set(FINDINGS))
+    return {
+        "per_class": {name: {str(t): per_class[name]["fp"][t] / len(per_class[name]["images"]) for t in IOBB_THRESHOLDS}
+                      for name in order},
+        "overall": {str(t): total[t] / len(images) if images else 0.0 for t in IOBB_THRESHOLDS},
+    }

@@ -222,7 +222,8 @@ class Classifier:
         """
         from cxr.explainer import Explainer, batches, choose_classes
 
-        explainer = Explainer(self.model, self.preprocessing, self.policy, method, box_threshold, layer)
+        calibration = {"temperatures": self.temperatures} if self.temperatures else None
+        explainer = Explainer(self.model, self.preprocessing, self.policy, method, box_threshold, layer, calibration=calibration)
         choose_classes(classes, np.zeros(NUM_CLASSES))  # a bad `classes` fails before any work
         results = []
         for chunk in batches(resolve_inputs(images), batch_size or self.batch_size):

@@ -385,6 +385,36 @@ def measure_predict_files(bench: Bench, model: CXRNet) -> dict[str, float]:
     return {"predict_files_images_per_s": images / seconds["files"], "predict_bare_forward_images_per_s": images / seconds["forward"]}
 
 
+def measure_explanation_methods(bench: Bench, model: CXRNet) -> dict[str, float]:
+    """Each explanation method's cost for the maps of all 14 classes of the batch, relative to one no-grad forward.
+
+    Occlusion (patch input/8, stride input/16) runs on the batch's first image and is scaled by the batch size:
+    its cost is linear in the images, and a whole batch would take minutes on CPU.
+    """
+    from cxr.explainer import build_saliency
+
+    inputs, batch = bench.inputs, bench.inputs.shape[0]
+    size = inputs.shape[-1]
+    specs = {"gradcam": ("gradcam", None), "gradcam++": ("gradcam++", None), "layercam": ("layercam", None),
+             "hirescam": ("hirescam", None), "layercam@features.denseblock2": ("layercam", "features.denseblock2"),
+             "occlusion": ("occlusion", None)}
+    works: dict[str, Callable[[int], Any]] = {}
+    for label, (method, layer) in specs.items():
+        saliency = build_saliency(model, method, layer, max(1, size // 8), max(1, size // 16))
+        images = inputs[:1] if method == "occlusion" else inputs
+        works[label] = lambda count, saliency=saliency, images=images: [saliency(images, list(range(NUM_CLASSES))) for _ in range(count)]
+
+    def forward(count: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            for _ in range(count):
+                model(inputs)
+
+    seconds = best_seconds(bench.device, {**works, "forward": forward}, 1, 1, bench.args.rounds)
+    return {f"explain_{label}14_vs_forward": seconds[label] * (batch if specs[label][0] == "occlusion" else 1) / seconds["forward"]
+            for label in specs}
+
+
 def measure_data_wait(bench: Bench, trainer: Callable[..., dict]) -> tuple[float, float]:
     """The trainer's DataLoader over the cache feeding our step: (seconds waiting for batches, seconds in all).
 
@@ -464,6 +494,8 @@ def run(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
         "data_wait_fraction": figures["data_wait_seconds"] / window,
         "predict_files_vs_bare_forward": figures["predict_files_images_per_s"] / figures["predict_bare_forward_images_per_s"],
     }
+    note(started, "explanation methods vs forward")
+    figures.update(measure_explanation_methods(bench, model))  # costs, not goals: the Grad-CAM goal is the ratio above
     amp = "off" if bench.policy.amp_dtype is None else str(bench.policy.amp_dtype).replace("torch.", "")
     return {"device": f"{device} ({torch.cuda.get_device_name(device)})" if cuda else str(device),
             "cpu_count": cpu_count(), "torch_threads": torch.get_num_threads(), "amp": amp,

@@ -103,11 +103,21 @@ def test_localization_report(tiny_run, tmp_path):
     out = tmp_path / "loc"
     # No --boxes: the data folder's own box list; a Grad-CAM layer other than the last.
     result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), "--layer", "features.denseblock3",
-                      "--localization-report", str(out)])
+                      "--localization-report", str(out), "--methods", "gradcam,layercam@features.denseblock2,occlusion",
+                      "--occlusion-patch", "16", "--occlusion-stride", "16"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"ground-truth boxes: {boxes}" in result.stdout
     report = json.loads((out / "localization.json").read_text())
     assert report["layer"] == "features.denseblock3" and report["output_stride"] == 32
+    assert report["default_method"] == "gradcam@features.denseblock3"
+    assert list(report["methods"]) == ["gradcam@features.denseblock3", "layercam@features.denseblock2", "occlusion"]
+    assert report["methods"]["occlusion"]["layer"] == "input image"
+    for scores in report["methods"].values():  # every method scored on the same boxes, AFP per IoBB threshold
+        assert scores["overall"]["boxes"] == report["overall"]["boxes"]
+        assert set(scores["overall"]["afp"]) == {"0.1", "0.25", "0.5", "0.75", "0.9"}
+        assert sum(row["pointing_hits"] for row in scores["per_class"].values()) == scores["overall"]["pointing_hits"]
+    assert (out / "contact_sheet_occlusion.png").is_file() and (out / "contact_sheet_layercam_features_denseblock2.png").is_file()
+    assert "AFP@0.1" in result.stdout and result.stdout.count("pointing game") == 1
     total_boxes = sum(len(items) for items in truth.values())
     assert report["overall"]["boxes"] == total_boxes == sum(report["boxes_by_split"].values())
     assert set(report["overall"]["iobb"]) == {"0.1", "0.25", "0.5", "0.75", "0.9"}
@@ -132,3 +142,44 @@ def test_bad_inputs_are_named(tiny_run, tmp_path):
     result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(image), "--layer", "features.block9"])
     assert result.returncode == 1
     assert "--layer 'features.block9': the model has no such module; try one of features.conv0" in result.stderr
+
+
+@pytest.mark.slow
+def test_panel_and_sanity_check(tiny_run, tmp_path):
+    image = sorted((tiny_run["data_dir"] / "images").iterdir())[0]
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), str(image), "--classes", "top2", "--panel",
+                      "--method", "hirescam@features.denseblock2", "--out", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())[image.name]
+    panel = cv2.imread(str(tmp_path / "out" / predictions["panel"]))
+    single = cv2.imread(str(tmp_path / "out" / next(iter(predictions["explained"].values()))["overlay"]))
+    assert max(single.shape[:2]) >= 512 and panel.shape[1] > 2 * single.shape[1]  # two findings side by side
+    out = tmp_path / "sanity"
+    result = run_cli(["explain.py", "--checkpoint", str(tiny_run["best"]), "--sanity-check", str(out), "--sanity-images", "2",
+                      "--methods", "gradcam,hirescam@features.denseblock2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "sanity.json").read_text())
+    assert list(report["methods"]) == ["gradcam", "hirescam@features.denseblock2", "edge detector"]
+    assert len(report["methods"]["gradcam"]["stages"]) == 6 and "edge detector" in report["flagged"]
+    assert (out / "sanity_0.png").is_file() and "FLAGGED" in result.stdout
+
+
+@pytest.mark.slow
+def test_bad_method_flags_are_named(tiny_run, tmp_path):
+    image = sorted((tiny_run["data_dir"] / "images").iterdir())[0]
+    base = ["explain.py", "--checkpoint", str(tiny_run["best"]), str(image), "--out", str(tmp_path / "out")]
+    result = run_cli(base + ["--method", "smoothgrad"])
+    assert result.returncode == 1 and "unknown method 'smoothgrad'" in result.stderr
+    result = run_cli(base + ["--method", "occlusion", "--occlusion-patch", "65"])
+    assert result.returncode == 1 and "--occlusion-patch 65 is larger than the 64 px network input" in result.stderr
+
+
+@pytest.mark.slow
+def test_localization_check_smoke(tmp_path):
+    result = run_cli(["scripts/localization_check.py", "--out", str(tmp_path / "check"), "--epochs", "1", "--patients", "30",
+                      "--methods", "gradcam", "--train-flag=--image-size=64", "--train-flag=--max-steps-per-epoch=1",
+                      "--train-flag=--synthetic-size=64"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("overall pointing game (gradcam): ")
+    summary = json.loads((tmp_path / "check" / "summary.json").read_text())
+    assert summary["default_method"] == "gradcam" and 0 <= summary["pointing"]["gradcam"] <= 1

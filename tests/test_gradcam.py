@@ -74,6 +74,12 @@ def expected_spatial_maps(images: torch.Tensor, weights: torch.Tensor, method: s
     maps = np.zeros((activations.shape[0], gradients.shape[0]) + activations.shape[2:])
     for b, activation in enumerate(activations):
         for k, gradient in enumerate(gradients):
+            if method == "layercam":  # element-wise: positive gradients times activations, summed over channels
+                maps[b, k] = normalised((np.maximum(gradient, 0) * activation).sum(axis=0))
+                continue
+            if method == "hirescam":  # element-wise: gradients times activations, summed over channels
+                maps[b, k] = normalised((gradient * activation).sum(axis=0))
+                continue
             if method == "gradcam":
                 channel_weights = gradient.mean(axis=(1, 2))
             else:
@@ -110,7 +116,7 @@ def xray_batch() -> torch.Tensor:
     return torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2)) * 255  # gray, as the model takes
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "hirescam"])
 @pytest.mark.parametrize("use_hooks", [False, True])
 def test_maps_equal_the_formula_on_a_hand_built_net(spatial_net, spatial_images, method, use_hooks):
     cam = GradCAM(spatial_net, target_layer=spatial_net.body if use_hooks else None, method=method)
@@ -122,7 +128,7 @@ def test_maps_equal_the_formula_on_a_hand_built_net(spatial_net, spatial_images,
     assert maps[:, :2].amax(dim=(2, 3)).eq(1.0).all()  # live maps peak at exactly 1
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "hirescam"])
 def test_dead_classes_give_zero_maps_not_nan(spatial_net, spatial_images, method):
     maps, _ = GradCAM(spatial_net, method=method)(spatial_images, [2, 3])
     assert not torch.isnan(maps).any()
@@ -142,7 +148,7 @@ def test_mean_pooled_net_map_is_relu_of_weighted_channels():
             np.testing.assert_allclose(maps[b, k].numpy(), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "hirescam"])
 def test_fast_path_equals_hooks_on_the_final_layer_of_cxrnet(xray_batch, method):
     torch.manual_seed(0)
     model = CXRNetWithFinalReLU().eval()

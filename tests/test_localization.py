@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 from cxr.localization import (
-    GT_COLOUR,
-    PRED_COLOUR,
+    average_false_positives,
     heatmap_to_boxes,
     iobb,
     iou,
     localization_scores,
-    overlay,
     pointing_hit,
 )
+from cxr.overlays import GT_COLOUR, MIN_SIDE, PRED_COLOUR, overlay, panel
 
 
 def test_iou_on_hand_made_boxes():
@@ -102,9 +101,9 @@ def test_localization_scores_on_a_hand_made_record_set():
     assert list(scores["per_class"]) == ["Atelectasis", "Infiltration", "Mass", "Hernia"]
     atelectasis, mass = scores["per_class"]["Atelectasis"], scores["per_class"]["Mass"]
     assert atelectasis == {"boxes": 2, "iobb": {"0.1": 1.0, "0.25": 1.0, "0.5": 0.5, "0.75": 0.5, "0.9": 0.5},
-                           "iou": {"0.1": 1.0, "0.3": 1.0, "0.5": 0.5}, "pointing": 1.0, "pointing_boxes": 1}
+                           "iou": {"0.1": 1.0, "0.3": 1.0, "0.5": 0.5}, "pointing": 1.0, "pointing_boxes": 1, "pointing_hits": 1}
     assert mass == {"boxes": 2, "iobb": {"0.1": 0.5, "0.25": 0.5, "0.5": 0.5, "0.75": 0.5, "0.9": 0.5},
-                    "iou": {"0.1": 0.5, "0.3": 0.0, "0.5": 0.0}, "pointing": 0.0, "pointing_boxes": 1}
+                    "iou": {"0.1": 0.5, "0.3": 0.0, "0.5": 0.0}, "pointing": 0.0, "pointing_boxes": 1, "pointing_hits": 0}
     infiltration = scores["per_class"]["Infiltration"]
     assert infiltration["iobb"]["0.1"] == 1.0 and infiltration["iobb"]["0.25"] == 0.0
     assert infiltration["iou"] == {"0.1": 1.0, "0.3": 0.0, "0.5": 0.0} and infiltration["pointing"] == 1.0
@@ -132,19 +131,58 @@ def test_overlay_blends_jet_and_draws_both_box_kinds():
     heatmap = np.zeros((16, 16), np.float32)
     heatmap[:8, :8] = 1.0  # hot top-left quadrant
     pred = {"x": 70, "y": 70, "w": 40, "h": 30, "score": 0.87}
-    image = overlay(gray, heatmap, [pred], gt_boxes=[(20, 80, 30, 30)])
-    assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+    image = overlay(gray, heatmap, [pred], gt_boxes=[(20, 80, 30, 30)], min_side=0)  # no enlargement
+    assert image.shape == (128, 128 + 64, 3) and image.dtype == np.uint8  # + the colour bar
     assert tuple(image[95, 20]) == GT_COLOUR  # left edge of the ground-truth box
     assert tuple(image[90, 70]) == PRED_COLOUR  # left edge of the predicted box
     assert tuple(image[120, 120]) == (60, 60, 111)  # 0.6 * gray 100 + 0.4 * jet(0) = dark blue (0, 0, 128)
     assert tuple(image[40, 30]) == (111, 60, 60)  # 0.6 * gray 100 + 0.4 * jet(1) = dark red (128, 0, 0)
+    assert tuple(image[0, 128 + 10]) == (128, 0, 0) and tuple(image[127, 128 + 10]) == (0, 0, 128)  # bar: 1 top, 0 bottom
     assert np.all(gray == 100)  # the input is not drawn on
-    titled = overlay(gray, heatmap, [pred], gt_boxes=[(20, 80, 30, 30)], title="Mass 0.87")
-    band = titled[:20, :100]
-    assert not np.array_equal(band, image[:20, :100]) and (band == 255).all(axis=-1).any()
-    assert np.array_equal(titled[40:], image[40:])
+    titled = overlay(gray, heatmap, [pred], gt_boxes=[(20, 80, 30, 30)], title="Mass 0.87", min_side=0)
+    band = titled.shape[0] - 128
+    assert band > 10 and np.array_equal(titled[band:], image)  # the title has its own band above the image
+    assert (titled[:band] == 255).all(axis=-1).any()
     with pytest.raises(ValueError, match="2-D uint8 grayscale"):
         overlay(np.zeros((8, 8, 3), np.uint8), heatmap, [])
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 96), (40, 700)])
+def test_overlay_size_rule_and_long_titles_fit(shape):
+    gray = np.full(shape, 80, np.uint8)
+    title = "a_rather_long_image_name_00012345_001.png  Pleural_Thickening p=0.123  (layercam@features.denseblock2)"
+    picture = overlay(gray, np.ones((4, 4)), [{"x": 2, "y": 2, "w": 10, "h": 30, "score": 0.5}], title=title, label="Mass")
+    factor = max(1.0, MIN_SIDE / max(shape))
+    image_h, image_w = round(shape[0] * factor), round(shape[1] * factor)
+    assert max(image_h, image_w) >= MIN_SIDE and picture.shape[1] == image_w + 64
+    band = picture[: picture.shape[0] - image_h]
+    text_columns = np.nonzero((band == 255).all(axis=-1).any(axis=0))[0]
+    assert text_columns.size and text_columns.max() < picture.shape[1] - 2  # every title line ends inside the picture
+    assert (band == 255).all(axis=-1).any(axis=1).sum() > 8  # the text is drawn, not dropped
+    # A predicted box is drawn at the enlarged scale: its left edge lies at x = 2 * factor.
+    assert tuple(picture[picture.shape[0] - image_h + round(25 * factor), round(2 * factor)]) == PRED_COLOUR
+
+
+def test_panel_puts_pictures_side_by_side():
+    first, second = np.zeros((10, 6, 3), np.uint8), np.full((7, 5, 3), 9, np.uint8)
+    row = panel([first, second], gap=2)
+    assert row.shape == (10, 6 + 2 + 5, 3) and (row[:7, 8:] == 9).all() and (row[7:, 8:] == 255).all()
+
+
+def test_average_false_positives_on_hand_made_boxes():
+    groups = [
+        # image a, Mass: one box on the lesion (IoBB 1), one half on it (IoBB 0.5), one far away (IoBB 0)
+        {"image": "a", "finding": "Mass", "gt_boxes": [(0, 0, 10, 10)],
+         "pred_boxes": [(2, 2, 4, 4), (5, 0, 10, 10), {"x": 50, "y": 50, "w": 5, "h": 5, "score": 1.0}]},
+        {"image": "a", "finding": "Nodule", "gt_boxes": [(20, 20, 4, 4)], "pred_boxes": []},
+        {"image": "b", "finding": "Mass", "gt_boxes": [(0, 0, 10, 10), (30, 30, 10, 10)], "pred_boxes": [(30, 30, 5, 5)]},
+    ]
+    afp = average_false_positives(groups)
+    # Mass, 2 images: at T=0.1 only the far box misses (1/2); at 0.5 the half box misses too (IoBB 0.5 is not > 0.5).
+    assert afp["per_class"]["Mass"] == {"0.1": 0.5, "0.25": 0.5, "0.5": 1.0, "0.75": 1.0, "0.9": 1.0}
+    assert afp["per_class"]["Nodule"] == dict.fromkeys(("0.1", "0.25", "0.5", "0.75", "0.9"), 0.0)
+    assert afp["overall"]["0.5"] == 2 / 2 and afp["overall"]["0.1"] == 1 / 2  # over the 2 distinct images
+    assert list(afp["per_class"]) == ["Mass", "Nodule"]
 
 
 def test_pointing_uses_the_centre_of_a_flat_maximum():
