@@ -37,6 +37,7 @@ from cxr.explainer import (
     Explainer,
     collect_files,
     explain_images,
+    find_layer,
     method_label,
     parse_methods,
     resolve_method,
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     preprocessing = Preprocessing.from_checkpoint(checkpoint)
     patch = args.occlusion_patch or max(1, preprocessing.size // 8)
     stride = args.occlusion_stride or max(1, preprocessing.size // 16)
+    if args.layer:
+        find_layer(model, args.layer)  # a wrong name is an error whatever the method
+        if args.method == "auto":
+            args.method = DEFAULT_CAM.split("@")[0]  # naming a layer asks for a CAM method at that layer
     args.method = resolve_method(args.method, preprocessing.size)
     specs = method_specs(args)
     calibration_path = find_calibration(checkpoint_path)
