@@ -6,6 +6,7 @@ the same loaders; preprocessing arrives as one `Preprocessing` object, device se
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ from cxr.model import CXRNet, build_model, stages_to_unfreeze
 from cxr.seeding import epoch_seed, loader_seed, sample_seed, seed_worker
 from cxr.synthetic import ensure_demo_dataset
 from cxr.transforms import Preprocessing, build_train_augment
+
+DDP_PARAMETERS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
 def resolve_data_dir(config: Config, ctx: DistContext) -> Path:
@@ -99,6 +102,18 @@ class PerSampleSeeded(Dataset):
         self.dataset.reseed(seed)
 
 
+def limit_opencv_threads() -> None:
+    """One OpenCV thread per process before workers start, so that N workers use N cores, not N x cores.
+
+    Set in the parent, which the workers inherit: calling cv2.setNumThreads inside a forked worker deadlocks
+    when the parent had already used OpenCV's thread pool (measured: a hang in pthread_cond_destroy). The main
+    process itself does no OpenCV work while workers decode.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def init_worker(worker_id: int) -> None:
     """worker_init_fn: seeds (cxr.seeding.seed_worker); stop signals are left to the main process.
 
@@ -127,6 +142,8 @@ def make_loader(dataset: ChestXrayDataset, config: Config, ctx: DistContext, tra
         sampler, dataset = SeededSampler(sampler, config.seed), PerSampleSeeded(dataset)
     generator = torch.Generator()
     generator.manual_seed(loader_seed(config.seed, ctx.rank))
+    if config.workers:
+        limit_opencv_threads()
     size = batch_size or config.batch_size
     return DataLoader(dataset, batch_size=size, sampler=sampler, num_workers=config.workers,
                       pin_memory=ctx.device.type == "cuda", drop_last=train and len(dataset) >= 2 * size * ctx.world_size,
@@ -172,8 +189,11 @@ def wrap_for_training(model: CXRNet, config: Config, ctx: DistContext) -> torch.
     """
     wrapped: torch.nn.Module = model
     if ctx.distributed:
+        # Newer torch names the option forward_sync_buffers (buffers still synced once at construction).
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in DDP_PARAMETERS
+                          else {"broadcast_buffers": False})
         wrapped = DistributedDataParallel(wrapped, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                          broadcast_buffers=False, gradient_as_bucket_view=True)
+                                          gradient_as_bucket_view=True, **no_buffer_sync)
     if config.compile:
         wrapped = torch.compile(wrapped, mode=None if config.compile_mode == "default" else config.compile_mode)
     return wrapped

@@ -56,10 +56,7 @@ def step_seed(seed: int, rank: int, global_step: int) -> int:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: one OpenCV thread per worker, generators derived from torch's seed."""
-    import cv2
-
-    cv2.setNumThreads(1)  # workers x cv2's default thread count would oversubscribe the cores
+    """DataLoader worker_init_fn: derive every generator of the worker from its torch seed (set per epoch)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
