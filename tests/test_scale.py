@@ -43,7 +43,16 @@ def start(args: list[str], nproc: int = 1, cwd: Path = REPO, extra: list[str] = 
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}", *extra]
     return subprocess.Popen(launcher + [str(REPO / "train.py"), *args], cwd=cwd, env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float) -> str:
+    """The rest of the output; on a timeout the whole process group (torchrun and its workers) is killed."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
 
 
 def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 240) -> list[str]:
@@ -164,13 +173,13 @@ def test_sigterm_saves_the_position_and_exits_75_then_resume_auto_finishes(tiny_
     wait_for_line(process, "phase 1")
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=240)[0]
+    output = finish(process, 240)
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
     assert "stopped by SIGTERM" in output or "stopped by a signal" in output, output[-3000:]
     saved = load_checkpoint(out / "last.pt")
     assert saved["epoch"] < 3
     process = start(args)
-    output = process.communicate(timeout=300)[0]
+    output = finish(process, 300)
     assert process.returncode == 0, output[-3000:]
     assert "resumed from epoch" in output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -211,14 +220,14 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
 def test_torchrun_restarts_after_a_lost_worker_and_finishes(tiny_data, tmp_path):
     """Two gloo ranks, no --out: the run directory comes from the rendezvous id; one rank is killed mid-run."""
-    args = ["--data-dir", str(tiny_data), "--epochs", "3", "--warmup-epochs", "3", "--max-steps-per-epoch", "3",
+    args = ["--data-dir", str(tiny_data), "--epochs", "3", "--warmup-epochs", "3", "--max-steps-per-epoch", "20",
             "--workers", "0", *TINY]
     process = start(args, nproc=2, cwd=tmp_path, extra=["--max-restarts=2"])
     lines = wait_for_line(process, "epoch 1/3")
     workers = _children(process.pid)
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)  # one worker lost in epoch 2
-    output = "".join(lines) + process.communicate(timeout=400)[0]
+    output = "".join(lines) + finish(process, 400)
     assert process.returncode == 0, output[-4000:]
     assert "resuming" in output and "resumed from epoch" in output, output[-4000:]
     run_dirs = list((tmp_path / "runs").iterdir())
