@@ -5,13 +5,14 @@ The training checkpoint's schema lives here alone: `build_checkpoint` makes it f
 file is a clear error naming both versions). Only rank 0 saves.
 
     state = build_checkpoint(model, optimizer, scheduler, scaler, config=config.to_dict(), phase=2,
-                             counters=counters, val_aurocs=aurocs)
+                             counters=counters, val_aurocs=aurocs)       # counters: COUNTER_KEYS
     save_epoch_checkpoints(state, run_dir, improved=True)     # last.pt, and best.pt as a link to the same bytes
     state = load_checkpoint(resolve_checkpoint_path("runs/exp1"))   # a run directory -> its last.pt
     counters = restore_checkpoint(state, model, optimizer, scheduler, scaler)
 
 No RNG state is stored: every random stream of a run is re-seeded from (seed, rank, epoch) at the start
-of each epoch (cxr.seeding), which is what makes resume exact, on one process or many.
+of each epoch, per sample and per step (cxr.seeding), which is what makes resume exact, on one process or
+many, at an epoch boundary or from the `position` inside an epoch that a preempted run saved.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from torch import nn
 
 from cxr.errors import CxrError, describe_os_error
 
-SCHEMA_VERSION = 2  # 1: the first release (no version field, RNG states); 2: this schema
+SCHEMA_VERSION = 3  # 1: the first release (no version field, RNG states); 2: one schema; 3: + position in the epoch
 REQUIRED_KEYS = ("model", "config")
-COUNTER_KEYS = ("epoch", "global_step", "best_metric", "best_epoch", "bad_epochs", "history")
+# `epoch` counts finished epochs; `position` is the progress inside the next one ({} at an epoch boundary;
+# after a preemption: batches consumed, optimizer steps, images, seconds and the partial loss sums).
+COUNTER_KEYS = ("epoch", "global_step", "best_metric", "best_epoch", "bad_epochs", "history", "position")
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
 

@@ -59,8 +59,11 @@ class Config:
     epochs: int = _opt(30, "total epochs (warm-up included)")
     warmup_epochs: int = _opt(3, "phase 1: epochs with the trunk frozen, only the head trains")
     unfreeze: str = _opt("2", "phase 2: how many of the last dense blocks to unfreeze (0-4) or 'all'")
-    batch_size: int = _opt(32, "images per step on each process")
-    lr: float = _opt(1e-3, "peak learning rate of the head")
+    batch_size: int = _opt(128, "images per micro-batch on each process (128 fills one large GPU at 224 px)")
+    eval_batch_size: int = _opt(256, "images per validation batch on each process")
+    accum_steps: int = _opt(1, "micro-batches per optimizer step (gradient accumulation; DDP syncs on the last only)")
+    lr: float = _opt(1e-3, "peak learning rate of the head, for a global batch of 128 (see README: scale it by "
+                     "sqrt(global batch / 128))")
     trunk_lr_mult: float = _opt(0.1, "trunk learning rate = lr * this, in phase 2")
     optimizer: str = _opt("adam", "optimizer", ("adam", "adamw"))
     weight_decay: float = _opt(1e-5, "weight decay")
@@ -75,16 +78,23 @@ class Config:
     amp: str = _opt("auto", "mixed precision: auto (on for CUDA, off on CPU), on, off", ("auto", "on", "off"))
     amp_dtype: str = _opt("auto", "autocast dtype: auto (bf16 where supported, else fp16), bf16 or fp16", ("auto", "bf16", "fp16"))
     channels_last: str = _opt("on", "channels_last memory format (faster for DenseNet on CUDA and, measured here, on CPU too)", ("on", "off"))
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: bool = _opt(False, "torch.compile the (DDP-wrapped) model")
+    compile_mode: str = _opt("default", "torch.compile mode (reduce-overhead: CUDA graphs)",
+                             ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    memory_efficient: bool = _opt(False, "checkpoint DenseNet's dense layers (recompute in backward): less memory at "
+                                  "high resolution, ~20-30% slower steps; evaluation and Grad-CAM run without it")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes under DDP")
     workers: int = _opt(4, "DataLoader worker processes per training process")
     # bookkeeping
     out: str = _opt("", "run directory (default runs/<timestamp>)")
-    resume: str = _opt("", "continue a run: its directory or a checkpoint file")
+    resume: str = _opt("", "continue a run: its directory or a checkpoint file; 'auto': --out's last.pt if there is "
+                       "one, else a fresh run (the same command for the first start and every restart)")
     overwrite: bool = _opt(False, "let a fresh run replace the checkpoints of another run in --out")
     seed: int = _opt(0, "random seed (each process adds its rank)")
     max_steps_per_epoch: int = _opt(0, "stop each epoch after this many steps (0: full epochs); for smoke tests")
-    log_every: int = _opt(20, "steps between TensorBoard scalars")
+    log_every: int = _opt(20, "optimizer steps between TensorBoard scalars and the cross-rank check for a non-finite "
+                          "loss or a stop signal")
+    val_every: int = _opt(1, "validate (and select best.pt) every this many epochs, and after the last one")
     tensorboard: bool = _opt(True, "write TensorBoard logs into the run directory")
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +123,7 @@ DEMO_PRESET: dict[str, Any] = {
     "warmup_epochs": 1,
     "unfreeze": "all",
     "batch_size": 32,
+    "eval_batch_size": 64,
     "lr": 1e-3,
     "trunk_lr_mult": 1.0,
     "lr_warmup_steps": 20,
@@ -212,7 +223,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 # Flags that may differ when a run is resumed: they change how it runs or how long, not what it learns from
 # the epochs already done. Every other field is fixed by the run's record; a different value is refused.
 RESUMABLE_FIELDS = ("epochs", "patience", "workers", "log_every", "tensorboard", "device", "data_dir", "cache_dir",
-                    "max_steps_per_epoch", "resume", "out", "overwrite")
+                    "max_steps_per_epoch", "resume", "out", "overwrite", "val_every", "eval_batch_size", "compile",
+                    "compile_mode", "memory_efficient")
 
 
 def config_for_resume(args: argparse.Namespace, stored: dict[str, Any], run_dir: str) -> Config:
@@ -249,8 +261,12 @@ def validate(config: Config) -> None:
         problems.append("--epochs must be at least 1")
     if not 0 <= config.warmup_epochs <= config.epochs:
         problems.append("--warmup-epochs must be between 0 and --epochs")
-    if config.batch_size < 1:
-        problems.append("--batch-size must be at least 1")
+    if config.batch_size < 1 or config.eval_batch_size < 1:
+        problems.append("--batch-size and --eval-batch-size must be at least 1")
+    if config.accum_steps < 1:
+        problems.append(f"--accum-steps must be at least 1 (1: no accumulation), got {config.accum_steps}")
+    if config.val_every < 1:
+        problems.append(f"--val-every must be at least 1 epoch, got {config.val_every}")
     if not 32 <= config.image_size <= 4096:
         problems.append("--image-size must be at least 32 (DenseNet downsamples by 32) and at most 4096")
     else:

@@ -216,3 +216,43 @@ class RankZero:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all ranks (a new tensor; the input itself in one process)."""
+    if not ctx.distributed:
+        return tensor
+    total = tensor.detach().clone().to(ctx.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def min_across_ranks(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The element-wise minimum of `tensor` over all ranks (the input itself in one process)."""
+    if not ctx.distributed:
+        return tensor
+    low = tensor.detach().clone().to(ctx.device)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return low
+
+
+def average_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
+    """Average every floating-point buffer (BatchNorm running statistics) over the ranks, in place.
+
+    DDP runs with broadcast_buffers=False (no buffer broadcast on every forward), so each rank's running
+    statistics follow its own batches; they are made equal before each validation and checkpoint. The update
+    is affine in the buffers, so the average equals what a broadcast-free single trajectory would hold.
+    """
+    if not ctx.distributed:
+        return
+    buffers = [buffer for buffer in model.buffers() if buffer.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([buffer.detach().reshape(-1).to(torch.float64) for buffer in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    offset = 0
+    for buffer in buffers:
+        count = buffer.numel()
+        buffer.copy_(flat[offset:offset + count].view_as(buffer))
+        offset += count

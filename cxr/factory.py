@@ -6,20 +6,24 @@ the same loaders; preprocessing arrives as one `Preprocessing` object, device se
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cxr.config import Config
 from cxr.data import ChestXrayDataset, DataError, NihData, load_nih
 from cxr.distributed import DistContext, barrier
 from cxr.model import CXRNet, build_model, stages_to_unfreeze
-from cxr.seeding import epoch_seed, loader_seed, seed_worker
+from cxr.seeding import epoch_seed, loader_seed, sample_seed, seed_worker
 from cxr.synthetic import ensure_demo_dataset
 from cxr.transforms import Preprocessing, build_train_augment
+
+DDP_PARAMETERS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
 def resolve_data_dir(config: Config, ctx: DistContext) -> Path:
@@ -54,27 +58,111 @@ def make_dataset(config: Config, data: NihData, split: str, preprocessing: Prepr
     return ChestXrayDataset(data.index, data.splits[split], preprocessing, augment=augment, cache=cache)
 
 
+class SeededSampler(Sampler):
+    """This rank's shard (DistributedSampler order) as (position, augmentation seed) pairs, resumable mid-epoch.
+
+    The seed of each sample is sample_seed(seed, epoch, position), computed here in the main process, so
+    persistent workers (which never see set_epoch) still augment every epoch exactly as a fresh start would.
+    `skip` drops the first samples of the epoch: the batches a preempted run already trained on.
+    """
+
+    def __init__(self, shard: DistributedSampler, seed: int):
+        self.shard, self.seed, self.epoch, self.skip = shard, int(seed), 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip)
+        self.shard.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for number, position in enumerate(self.shard):
+            if number >= self.skip:
+                yield position, sample_seed(self.seed, self.epoch, position)
+
+    def __len__(self) -> int:
+        return max(0, len(self.shard) - self.skip)
+
+
+class PerSampleSeeded(Dataset):
+    """A training dataset indexed by (position, seed): re-seeds the augmentation, then returns dataset[position]."""
+
+    def __init__(self, dataset: ChestXrayDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            position, seed = key
+            self.dataset.reseed(seed)
+            return self.dataset[position]
+        return self.dataset[key]
+
+    def reseed(self, seed: int) -> None:
+        self.dataset.reseed(seed)
+
+
+def limit_opencv_threads() -> None:
+    """One OpenCV thread per process before workers start, so that N workers use N cores, not N x cores.
+
+    Set in the parent, which the workers inherit: calling cv2.setNumThreads inside a forked worker deadlocks
+    when the parent had already used OpenCV's thread pool (measured: a hang in pthread_cond_destroy). The main
+    process itself does no OpenCV work while workers decode.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def init_worker(worker_id: int) -> None:
+    """worker_init_fn: seeds (cxr.seeding.seed_worker); stop signals are left to the main process.
+
+    SLURM may signal every process of the job; a worker killed by SIGTERM would make the main process fail
+    mid-step instead of finishing it and writing its checkpoint.
+    """
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    seed_worker(worker_id)
+
+
 def make_loader(dataset: ChestXrayDataset, config: Config, ctx: DistContext, train: bool,
                 batch_size: int | None = None) -> DataLoader:
-    """A DataLoader over this rank's shard; evaluation shards are padded by the sampler and de-padded on gather."""
+    """A DataLoader over this rank's shard; evaluation shards are padded by the sampler and de-padded on gather.
+
+    Workers are persistent (no start-up cost per epoch); training samples carry their own augmentation seed.
+    """
     if len(dataset) == 0:
         raise DataError("the split is empty: check --val-fraction / --test-fraction and the split files")
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train,
-                                 seed=config.seed, drop_last=False)
+    sampler: Sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=train,
+                                          seed=config.seed, drop_last=False)
+    if train:
+        sampler, dataset = SeededSampler(sampler, config.seed), PerSampleSeeded(dataset)
     generator = torch.Generator()
     generator.manual_seed(loader_seed(config.seed, ctx.rank))
-    return DataLoader(dataset, batch_size=batch_size or config.batch_size, sampler=sampler, num_workers=config.workers,
-                      pin_memory=ctx.device.type == "cuda", drop_last=train and len(dataset) >= 2 * config.batch_size * ctx.world_size,
-                      worker_init_fn=seed_worker, generator=generator,
-                      prefetch_factor=4 if config.workers else None, persistent_workers=False)
+    if config.workers:
+        limit_opencv_threads()
+    size = batch_size or config.batch_size
+    return DataLoader(dataset, batch_size=size, sampler=sampler, num_workers=config.workers,
+                      pin_memory=ctx.device.type == "cuda", drop_last=train and len(dataset) >= 2 * size * ctx.world_size,
+                      worker_init_fn=init_worker, generator=generator,
+                      prefetch_factor=4 if config.workers else None, persistent_workers=config.workers > 0)
 
 
-def start_epoch(loader: DataLoader, config: Config, ctx: DistContext, epoch: int) -> None:
-    """Make epoch `epoch`'s shuffle and augmentations a pure function of (seed, rank, epoch): exact resume."""
-    loader.sampler.set_epoch(epoch)
+def start_epoch(loader: DataLoader, config: Config, ctx: DistContext, epoch: int, skip_batches: int = 0) -> None:
+    """Make epoch `epoch`'s shuffle and augmentations a pure function of (seed, rank, epoch): exact resume.
+
+    `skip_batches` starts the epoch after that many batches (a resumed mid-epoch checkpoint).
+    """
+    if isinstance(loader.sampler, SeededSampler):
+        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    else:
+        loader.sampler.set_epoch(epoch)
     seed = epoch_seed(config.seed, ctx.rank, epoch)
     loader.generator.manual_seed(seed)  # worker seeds derive from it
-    torch.manual_seed(seed)  # dropout
+    torch.manual_seed(seed)  # dropout (train_one_epoch re-seeds it per step as well)
     if loader.num_workers == 0:
         loader.dataset.reseed(seed)
 
@@ -92,12 +180,22 @@ def configure_phase(model: CXRNet, phase: int, config: Config) -> set[str]:
 
 
 def wrap_for_training(model: CXRNet, config: Config, ctx: DistContext) -> torch.nn.Module:
-    """DDP must be rebuilt whenever the set of trainable parameters changes (it registers them at construction)."""
+    """DDP (then torch.compile around it), rebuilt whenever the set of trainable parameters changes.
+
+    DDP registers its parameters at construction, hence the rebuild per phase. broadcast_buffers=False: the
+    BatchNorm statistics are averaged by cxr.distributed.average_buffers before validation and checkpoints
+    instead of broadcast on every forward; gradient_as_bucket_view saves one gradient copy. Compiling the DDP
+    module (not the inner model) lets the gradient all-reduce overlap the compiled backward.
+    """
     wrapped: torch.nn.Module = model
-    if config.compile:
-        wrapped = torch.compile(wrapped)
     if ctx.distributed:
-        wrapped = DistributedDataParallel(wrapped, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        # Newer torch names the option forward_sync_buffers (buffers still synced once at construction).
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in DDP_PARAMETERS
+                          else {"broadcast_buffers": False})
+        wrapped = DistributedDataParallel(wrapped, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True, **no_buffer_sync)
+    if config.compile:
+        wrapped = torch.compile(wrapped, mode=None if config.compile_mode == "default" else config.compile_mode)
     return wrapped
 
 
@@ -106,7 +204,9 @@ def build_optimizer(model: CXRNet, config: Config) -> torch.optim.Optimizer:
     groups = [{"name": "head", "params": model.head_parameters(), "lr": config.lr},
               {"name": "trunk", "params": model.trunk_parameters(), "lr": config.lr * config.trunk_lr_mult}]
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=config.lr, weight_decay=config.weight_decay)
+    # Fused Adam: one kernel for all parameters on CUDA instead of a few per tensor.
+    fused = {"fused": True} if model.head_parameters()[0].is_cuda else {}
+    return optimizer_class(groups, lr=config.lr, weight_decay=config.weight_decay, **fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):
@@ -131,7 +231,8 @@ def load_trained_model(checkpoint_path: str | Path, device: torch.device) -> tup
 
     checkpoint = load_checkpoint(checkpoint_path)
     config = Config.from_dict(checkpoint["config"])
-    model = build_model("none", config.hidden_sizes, config.dropout, config.output_stride, config.pool, config.lse_r)
+    model = build_model("none", config.hidden_sizes, config.dropout, config.output_stride, config.pool,
+                        config.lse_r)  # never memory-efficient
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

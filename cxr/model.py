@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,21 @@ class CXRNet(nn.Module):
                 module.eval()
         return self
 
+    def set_memory_efficient(self, enabled: bool) -> CXRNet:
+        """Checkpoint every dense layer (torchvision's memory_efficient): recomputed in backward, same weights.
+
+        The recomputation would move the first BatchNorm's running statistics a second time per step; hooks
+        restore them, so the statistics equal those of a plain run.
+        """
+        for module in self.features.modules():
+            if hasattr(module, "memory_efficient"):
+                module.memory_efficient = bool(enabled)
+                if enabled and not getattr(module.norm1, "_cxr_recompute_hooks", False):
+                    module.norm1.register_forward_pre_hook(_save_stats_in_backward)
+                    module.norm1.register_forward_hook(_restore_stats_in_backward)
+                    module.norm1._cxr_recompute_hooks = True
+        return self
+
     def trunk_parameters(self) -> list[nn.Parameter]:
         return list(self.features.parameters())
 
@@ -155,6 +171,23 @@ def global_pool(feature_map: torch.Tensor, pool: str = "avg", lse_r: float = 10.
         # logsumexp subtracts the max internally, so large r * x never overflows.
         return (torch.logsumexp(lse_r * flat, dim=2) - math.log(flat.shape[2])) / lse_r
     raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1  # what torch.utils.checkpoint itself uses to detect recomputation
+
+
+def _save_stats_in_backward(module: nn.BatchNorm2d, _: Any) -> None:
+    if module.training and module.track_running_stats and _in_backward():
+        module._cxr_saved_stats = [buffer.clone() for buffer in module.buffers()]
+
+
+def _restore_stats_in_backward(module: nn.BatchNorm2d, _: Any, __: Any) -> None:
+    saved = module.__dict__.pop("_cxr_saved_stats", None)
+    if saved is not None:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved):
+                buffer.copy_(value)
 
 
 class _DilatedAvgPool(nn.Module):
@@ -256,9 +289,11 @@ def load_weights_file(model: CXRNet, path: str | Path) -> str:
 
 
 def build_model(weights: str = "none", hidden: tuple[int, ...] = (512,), dropout: float = 0.5,
-                output_stride: int = 32, pool: str = "avg", lse_r: float = 10.0) -> CXRNet:
+                output_stride: int = 32, pool: str = "avg", lse_r: float = 10.0, memory_efficient: bool = False) -> CXRNet:
     """The network with its trunk initialised from `weights`: 'imagenet', 'none' or a file path."""
     model = CXRNet(hidden=hidden, dropout=dropout, output_stride=output_stride, pool=pool, lse_r=lse_r)
+    if memory_efficient:
+        model.set_memory_efficient(True)
     if weights == "imagenet":
         load_imagenet_trunk(model)
     elif weights != "none":

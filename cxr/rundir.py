@@ -8,10 +8,13 @@
 - While a run lives, rank 0 holds an exclusive lock on RUN/.lock (an OS file lock, so a killed run leaves no
   stale lock: the next run simply takes it over); a second run on the same folder is refused with the owner's PID.
 - Temporary files that a killed checkpoint write left behind (`.*.tmp`) are removed on the next start.
+- Without --out, torchrun's rendezvous id names the folder (runs/<id>), so a restarted group finds it again.
+- RUN/metrics.jsonl: one JSON line per epoch, rewritten atomically; a redone epoch replaces its line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -30,6 +33,7 @@ except ImportError:  # Windows: no advisory locks; runs are then not protected a
     fcntl = None
 
 LOCK_NAME = ".lock"
+METRICS_NAME = "metrics.jsonl"
 
 
 class RunDirError(CxrError):
@@ -79,6 +83,37 @@ def _remove_temp_files(run_dir: Path) -> list[str]:
         path.unlink(missing_ok=True)
         removed.append(path.name)
     return removed
+
+
+def default_run_dir(environ: dict | None = None) -> str:
+    """runs/<torchrun rendezvous id> under torchrun (the same on every restart of the group), else ''.
+
+    '' lets rank 0 pick runs/<timestamp>. torchrun's default id 'none' (no --standalone, no --rdzv-id) names
+    nothing: a restarted group could not find its folder, so that case is refused with what to pass.
+    """
+    environ = os.environ if environ is None else environ
+    run_id = environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return str(Path("runs") / run_id)
+    if int(environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        raise RunDirError("torchrun restarted this group but the run has no folder to continue in: pass --out DIR "
+                          "(or torchrun --rdzv-id ID, or --standalone) so that every restart finds its checkpoints")
+    return ""
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    """Add one epoch's line to RUN/metrics.jsonl atomically; lines of that epoch or later (a redone epoch) go."""
+    path = Path(run_dir) / METRICS_NAME
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("epoch", 0) < record["epoch"]:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                continue  # not a record of ours; the file is rewritten without it
+    kept.append(json.dumps(record))
+    write_text_checked(path, "\n".join(kept) + "\n")
 
 
 def open_run_dir(config, ctx: DistContext, resuming: bool, log=print) -> RunDir:

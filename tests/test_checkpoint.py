@@ -186,7 +186,7 @@ def test_build_and_restore_round_trip_every_part(tmp_path: Path) -> None:
         optimizer.step()
         scheduler.step()
     counters = {"epoch": 3, "global_step": 30, "best_metric": 0.7, "best_epoch": 1, "bad_epochs": 1,
-                "history": [{"epoch": 1}]}
+                "history": [{"epoch": 1}], "position": {}}
     state = build_checkpoint(model, optimizer, scheduler, scaler, config={"lr": 0.01}, phase=2, counters=counters,
                              val_aurocs=np.array([0.5, 0.75]))
     assert state["schema_version"] == SCHEMA_VERSION and state["phase"] == 2 and state["val_aurocs"] == [0.5, 0.75]
