@@ -243,3 +243,16 @@ def test_torchrun_restarts_after_a_lost_worker_and_finishes(tiny_data, tmp_path)
     assert last["epoch"] == 3 and last["position"] == {} and 1 <= best["epoch"] <= 3
     records = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in records] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_on_cpu_writes_every_part(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(tmp_path), "--device",
+                             "cpu", "--quick"], env=environment("2"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["parts"]) == ["train", "fp16", "evaluate", "gradcam", "memory", "loader", "train_py"]
+    assert all(part["ok"] for part in report["parts"].values())
+    assert report["parts"]["train"]["eager_phase2_batch4"]["images_per_s"] > 0
+    assert report["parts"]["memory"]["64px_memory_efficient"]["images_per_s"] > 0
+    assert report["parts"]["train_py"]["returncode"] == 0 and report["parts"]["train_py"]["lines"]
