@@ -261,8 +261,10 @@ def validate(config: Config) -> None:
         problems.append("--epochs must be at least 1")
     if not 0 <= config.warmup_epochs <= config.epochs:
         problems.append("--warmup-epochs must be between 0 and --epochs")
-    if config.batch_size < 1 or config.eval_batch_size < 1:
-        problems.append("--batch-size and --eval-batch-size must be at least 1")
+    if config.batch_size < 1:
+        problems.append("--batch-size must be at least 1")
+    if config.eval_batch_size < 1:
+        problems.append("--eval-batch-size must be at least 1")
     if config.accum_steps < 1:
         problems.append(f"--accum-steps must be at least 1 (1: no accumulation), got {config.accum_steps}")
     if config.val_every < 1:

@@ -217,7 +217,7 @@ def part_train_py(args, policy, workdir: Path) -> dict:
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=args.train_timeout)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("epoch ", "projected"))]
-    return {"returncode": result.returncode, "seconds": time.perf_counter() - started, "lines": lines,
+    return {"ok": result.returncode == 0, "returncode": result.returncode, "seconds": time.perf_counter() - started, "lines": lines,
             "stderr_tail": result.stderr[-1500:] if result.returncode else ""}
 
 
@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batches = [2, 4] if quick else [32, 128, 256]
     args.steps, args.warmup = (1, 1) if quick else (20, 5)
     args.eval_batch, args.cam_batch, args.cam_rounds = (4, 2, 2) if quick else (256, 32, 5)
-    args.memory_sizes, args.memory_batch = ([64, 128], 2) if quick else ([224, 512, 1024], 16)
+    args.memory_sizes, args.memory_batch = ([64, 96], 2) if quick else ([224, 512, 1024], 16)
     args.loader_workers = [0, 1] if quick else [4, 8, 14]
     args.patients, args.train_timeout = (6, 120) if quick else (1200, 240)
     return args
