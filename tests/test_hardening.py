@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint, save_epoch_checkpoints
+from cxr.checkpoint import SCHEMA_VERSION, CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint, save_epoch_checkpoints
 from cxr.data import ChestXrayDataset, DataError, load_nih, unwrap_worker_errors
 from cxr.transforms import ImageReadError, Preprocessing, read_xray
 from tests.test_train import TINY_RUN, run_cli
@@ -113,7 +113,7 @@ def test_a_plain_pickle_is_refused_as_code_not_called_corrupt(tmp_path: Path) ->
 
 
 def test_a_full_disk_is_named_and_the_previous_checkpoint_survives(tmp_path: Path, monkeypatch) -> None:
-    state = {"schema_version": 2, "model": {"w": torch.ones(2)}, "config": {}, "epoch": 1}
+    state = {"schema_version": SCHEMA_VERSION, "model": {"w": torch.ones(2)}, "config": {}, "epoch": 1}
     save_epoch_checkpoints(state, tmp_path, improved=True)
 
     def full(*args, **kwargs):
