@@ -22,6 +22,8 @@ import pickle
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +57,23 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write `state` to `path` atomically: a crash mid-save leaves the previous file intact."""
     path = Path(path)
     temp_path = _write_temp(state, path)
-    try:
+    with _cleaned_up_on_failure(temp_path, path):
         os.replace(temp_path, path)
-    except OSError as error:
-        temp_path.unlink(missing_ok=True)
-        raise CheckpointWriteError(describe_os_error(error, path)) from error
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
     _fsync_directory(path.parent)
     return path
+
+
+@contextmanager
+def _cleaned_up_on_failure(temp_path: Path, where: Path) -> Iterator[None]:
+    """Remove `temp_path` if the block fails; an OSError becomes a CheckpointWriteError naming `where`."""
+    try:
+        yield
+    except OSError as error:
+        temp_path.unlink(missing_ok=True)
+        raise CheckpointWriteError(describe_os_error(error, where)) from error
+    except BaseException:  # also Ctrl-C: never leave a temporary file behind
+        temp_path.unlink(missing_ok=True)
+        raise
 
 
 def _write_temp(state: dict[str, Any], path: Path) -> Path:
@@ -196,7 +205,7 @@ def save_epoch_checkpoints(state: dict[str, Any], run_dir: str | os.PathLike, im
     """
     run_dir = Path(run_dir)
     temp_path = _write_temp(state, run_dir / LAST_NAME)
-    try:
+    with _cleaned_up_on_failure(temp_path, run_dir):
         if improved:
             best_temp = run_dir / f".{BEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             try:
@@ -206,12 +215,6 @@ def save_epoch_checkpoints(state: dict[str, Any], run_dir: str | os.PathLike, im
                 _fsync_file(best_temp)
             os.replace(best_temp, run_dir / BEST_NAME)
         os.replace(temp_path, run_dir / LAST_NAME)
-    except OSError as error:
-        temp_path.unlink(missing_ok=True)
-        raise CheckpointWriteError(describe_os_error(error, run_dir)) from error
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
     _fsync_directory(run_dir)
 
 

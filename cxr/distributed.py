@@ -218,22 +218,22 @@ class RankZero:
             self.writer = None
 
 
-def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """The element-wise sum of `tensor` over all ranks (a new tensor; the input itself in one process)."""
+def _all_reduce(tensor: torch.Tensor, ctx: DistContext, op: dist.ReduceOp) -> torch.Tensor:
     if not ctx.distributed:
         return tensor
-    total = tensor.detach().clone().to(ctx.device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    result = tensor.detach().clone().to(ctx.device)
+    dist.all_reduce(result, op=op)
+    return result
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all ranks (a new tensor; the input itself in one process)."""
+    return _all_reduce(tensor, ctx, dist.ReduceOp.SUM)
 
 
 def min_across_ranks(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """The element-wise minimum of `tensor` over all ranks (the input itself in one process)."""
-    if not ctx.distributed:
-        return tensor
-    low = tensor.detach().clone().to(ctx.device)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    return low
+    return _all_reduce(tensor, ctx, dist.ReduceOp.MIN)
 
 
 def average_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
