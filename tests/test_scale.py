@@ -51,7 +51,7 @@ def start(args: list[str], log: Path, nproc: int = 1, cwd: Path = REPO, extra: l
     return process
 
 
-def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 240) -> None:
+def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 240, poll: float = 0.2) -> None:
     """Wait until the process's output contains `needle`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -59,7 +59,7 @@ def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 240) 
             return
         if process.poll() is not None:
             break
-        time.sleep(0.2)
+        time.sleep(poll)
     os.killpg(process.pid, signal.SIGKILL)
     raise AssertionError(f"never saw {needle!r}:\n" + process.log.read_text(errors="replace")[-3000:])
 
@@ -171,25 +171,26 @@ def test_mid_epoch_stop_then_resume_equals_the_uninterrupted_run(tiny_data, tmp_
 
 @pytest.mark.slow
 def test_sigterm_saves_the_position_and_exits_75_then_resume_auto_finishes(tiny_data, tmp_path):
+    """The signal goes out as soon as training starts: the 4 epochs left after it take seconds (batch 2, up to
+    19 steps each), against a poll of 0.05 s, so the stop always lands before the end of the run."""
     out = tmp_path / "run"
-    args = ["--data-dir", str(tiny_data), "--epochs", "3", "--warmup-epochs", "3", "--max-steps-per-epoch", "6",
-            "--workers", "1", "--out", str(out), "--resume", "auto", *TINY]
+    args = ["--data-dir", str(tiny_data), "--epochs", "4", "--warmup-epochs", "4", "--workers", "1", "--out", str(out),
+            "--resume", "auto", *TINY, "--batch-size", "2"]
     process = start(args, tmp_path / "first.log")
-    wait_for_line(process, "phase 1")
-    time.sleep(1.0)
+    wait_for_line(process, "phase 1", poll=0.05)
     process.send_signal(signal.SIGTERM)
     output = finish(process, 240)
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
     assert "stopped by SIGTERM" in output or "stopped by a signal" in output, output[-3000:]
     saved = load_checkpoint(out / "last.pt")
-    assert saved["epoch"] < 3
+    assert saved["epoch"] < 4, output[-3000:]
     process = start(args, tmp_path / "second.log")
     output = finish(process, 300)
     assert process.returncode == 0, output[-3000:]
     assert "resumed from epoch" in output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [record["epoch"] for record in records] == [1, 2, 3]
-    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+    assert [record["epoch"] for record in records] == [1, 2, 3, 4]
+    assert load_checkpoint(out / "last.pt")["epoch"] == 4
 
 
 @pytest.mark.slow
