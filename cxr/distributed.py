@@ -92,8 +92,31 @@ def setup_distributed(device: str = "auto", timeout: timedelta = timedelta(minut
         torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend=backend, store=_process_group_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, timeout=timeout)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=torch_device)
+
+
+def _process_group_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """torchrun's store for init_process_group, with keys of their own for each restart of the worker group.
+
+    torchrun's c10d rendezvous hands its own TCPStore to the workers (TORCHELASTIC_USE_AGENT_STORE) and keeps it
+    across restarts, so a restarted group finds the addresses its dead predecessor published there and gloo or
+    nccl connect to a closed port ("Connection refused"; pytorch/pytorch#135712). On one node every worker sees
+    the same TORCHELASTIC_RESTART_COUNT, so it separates the attempts. Across nodes the counts can differ (each
+    agent counts its own restarts): there launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives
+    every round a new store (scripts/slurm_train.sh does).
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    single_node = _env_int("LOCAL_WORLD_SIZE", world_size) == world_size
+    if shared and single_node:
+        return dist.PrefixStore(f"cxr/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if shared and rank == 0 and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0:
+        print("warning: torchrun shares its rendezvous store with the workers across nodes; restarts after a lost "
+              "worker can fail to connect (pytorch/pytorch#135712): launch torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)
+    return store
 
 
 def cleanup_distributed(ctx: DistContext) -> None:

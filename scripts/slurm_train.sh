@@ -37,6 +37,9 @@ requeue() {
 }
 trap requeue USR1 TERM
 
+# A new rendezvous store for every restart round (pytorch/pytorch#135712; needed once --standalone becomes a
+# multi-node --rdzv-endpoint, harmless on one node).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 torchrun --standalone --nproc_per_node="$GPUS" --max-restarts=3 \
   train.py --out "$RUN_DIR" --resume auto --workers 7 "$@" &
 child=$!

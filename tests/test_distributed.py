@@ -213,3 +213,28 @@ def test_two_process_gloo_gather_drops_sampler_padding(tmp_path: Path) -> None:
         assert result["any_one_true"] is True and result["any_none_true"] is False
         assert result["broadcast"] == {"from": 0}
         assert result["initialized_after_cleanup"] is False
+
+
+@pytest.mark.parametrize(("agent_store", "local_world", "prefixed"), [("True", "1", True), ("True", "2", False),
+                                                                     (None, "1", False)])
+def test_restarted_groups_get_their_own_keys_in_torchruns_shared_store(
+        monkeypatch: pytest.MonkeyPatch, agent_store: str | None, local_world: str, prefixed: bool) -> None:
+    """A restart must not read the addresses its dead predecessor left in torchrun's store (pytorch#135712)."""
+    from cxr.distributed import _process_group_store
+
+    port = free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    if agent_store is None:
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    else:
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", agent_store)
+        _agent = torch.distributed.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)  # torchrun's
+    store = _process_group_store(0, 1, timedelta(seconds=10))
+    store.set("addr", "seen")
+    assert isinstance(store, torch.distributed.PrefixStore) is prefixed
+    if prefixed:
+        assert store.underlying_store.get("cxr/restart-1/addr") == b"seen"
