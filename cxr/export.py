@@ -103,16 +103,32 @@ def load_safetensors(path: str | Path) -> tuple[nn.Module, dict]:
     from safetensors.torch import load_file
 
     from cxr.config import Config
-    from cxr.model import build_model
+    from cxr.factory import model_for_config
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("format") != SAFETENSORS_FORMAT:
         raise ExportError(f"{path}: not a cxr safetensors export (format {metadata.get('format')!r})")
     config = Config.from_dict(json.loads(metadata["config"]))
-    model = build_model("none", config.hidden_sizes, config.dropout, config.output_stride)
-    model.load_state_dict(load_file(str(path)))
+    model = model_for_config(config)  # pooling and output stride too: an lse-pooled model must load as lse
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as error:
+        raise ExportError(f"{path}: its weights do not fit the model its config describes ({error})") from error
     return model.eval(), json.loads(metadata["config"])
+
+
+def checkpoint_from_safetensors(path: str | Path) -> tuple[nn.Module, dict]:
+    """A CXRNet and a checkpoint-like dict (config, class names, schema, epoch) from a model.safetensors export,
+    so that everything that takes a checkpoint (Classifier, the preprocessing) takes the sharing format too."""
+    from safetensors import safe_open
+
+    model, config = load_safetensors(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return model, {"config": config, "class_names": json.loads(metadata["class_names"]),
+                   "schema_version": metadata.get("schema_version"), "epoch": metadata.get("epoch"),
+                   "best_metric": metadata.get("best_metric"), "source": str(path)}
 
 
 def runner(fmt: str, path: Path) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:

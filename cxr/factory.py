@@ -225,14 +225,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def model_for_config(config: Config, weights: str = "none", memory_efficient: bool = False) -> CXRNet:
+    """The network a config describes (head, output stride, pooling); checkpoints and exports rebuild it here."""
+    return build_model(weights, config.hidden_sizes, config.dropout, config.output_stride, config.pool, config.lse_r,
+                       memory_efficient=memory_efficient)
+
+
 def load_trained_model(checkpoint_path: str | Path, device: torch.device) -> tuple[CXRNet, Config, dict]:
     """Rebuild the network from a checkpoint alone (architecture and preprocessing come from its config)."""
     from cxr.checkpoint import CheckpointError, load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
     config = Config.from_dict(checkpoint["config"])
-    model = build_model("none", config.hidden_sizes, config.dropout, config.output_stride, config.pool,
-                        config.lse_r)  # never memory-efficient
+    model = model_for_config(config)  # never memory-efficient
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

@@ -169,11 +169,20 @@ class Classifier:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", calibration: str | Path | None = "auto",
                         batch_size: int = 16, workers: int = 0) -> Classifier:
-        """Rebuild from a best.pt/last.pt; calibration: 'auto' (the run's calibration.json if any), None, or a file."""
+        """Rebuild from a best.pt/last.pt or a model.safetensors export (scripts/export.py: no pickle at all, needs
+        the `export` extra); calibration: 'auto' (the run's calibration.json if any), None, or a file."""
+        from cxr.config import Config
         from cxr.factory import load_trained_model
 
         path = Path(path)
-        model, config, checkpoint = load_trained_model(path, resolve_device(device))
+        if path.suffix == ".safetensors":
+            from cxr.export import checkpoint_from_safetensors, require_extra
+
+            require_extra("safetensors")  # names the extra to install
+            model, checkpoint = checkpoint_from_safetensors(path)
+            model, config = model.to(resolve_device(device)), Config.from_dict(checkpoint["config"])
+        else:
+            model, config, checkpoint = load_trained_model(path, resolve_device(device))
         names = list(checkpoint.get("class_names") or FINDINGS)
         if names != list(FINDINGS):
             raise CheckpointError(f"{path}: its classes {names} are not the 14 ChestX-ray14 findings this code predicts")

@@ -30,6 +30,7 @@ from cxr.factory import (
     load_data,
     make_dataset,
     make_loader,
+    model_for_config,
     open_cache,
     phase_of,
     resolve_data_dir,
@@ -39,7 +40,6 @@ from cxr.factory import (
 from cxr.labels import FINDINGS
 from cxr.losses import LabelSmoothedBCE, pos_weight_from_labels
 from cxr.metrics import auroc_per_class, mean_auroc
-from cxr.model import build_model
 from cxr.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from cxr.rundir import append_metrics
 from cxr.transforms import Preprocessing
@@ -77,8 +77,7 @@ def fit(config: Config, resumed: dict | None, ctx: DistContext, run_dir: Path,
     val_loader = make_loader(val_set, config, ctx, train=False, batch_size=config.eval_batch_size)
 
     weights = config.weights if config.weights != "auto" else ("none" if config.is_demo else "imagenet")
-    model = build_model("none" if resumed else weights, config.hidden_sizes, config.dropout, config.output_stride,
-                        config.pool, config.lse_r, memory_efficient=config.memory_efficient)
+    model = model_for_config(config, "none" if resumed else weights, memory_efficient=config.memory_efficient)
     if config.sync_bn and ctx.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     policy.prepare_model(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import cxr.export as export
 from cxr.export import ExportError, export_model, load_safetensors
@@ -97,3 +98,30 @@ def test_failed_verification_leaves_no_model(tiny_run, nih_sample, monkeypatch, 
     with pytest.raises(ExportError, match=r"does not reproduce the PyTorch model: max \|probability difference\| 0.001"):
         export_model(tiny_run["best"], "safetensors", tmp_path, [nih_sample / "images"], verify_count=2)
     assert not list(tmp_path.iterdir())
+
+
+def test_classifier_loads_a_safetensors_export_with_its_pooling(tmp_path):
+    """The sharing format is a checkpoint for the API too; its config rebuilds the head exactly (pooling included)."""
+    from safetensors.torch import save_file
+
+    from cxr.config import Config
+    from cxr.factory import model_for_config
+
+    config = Config(image_size=64, pool="lse", lse_r=5.0, weights="none", device="cpu")
+    model = model_for_config(config).eval()
+    checkpoint = {"config": config.to_dict(), "schema_version": 3, "epoch": 2, "best_metric": 0.5}
+    path = tmp_path / "model.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(path),
+              metadata=export.safetensors_metadata(checkpoint))
+    clf = Classifier.from_checkpoint(path, device="cpu", calibration=None)
+    assert (clf.model.pool, clf.model.lse_r) == ("lse", 5.0)
+    assert clf.preprocessing.as_dict() == {"size": 64, "preprocess": config.preprocess, "clahe_clip": config.clahe_clip,
+                                           "clahe_grid": config.clahe_grid}
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = model(images.float()).numpy()
+    np.testing.assert_allclose(clf.logits(images), expected, rtol=1e-5, atol=1e-5)
+    save_file({"unrelated": torch.zeros(1)}, str(tmp_path / "other.safetensors"),
+              metadata=export.safetensors_metadata(checkpoint))
+    with pytest.raises(ExportError, match="other.safetensors: its weights do not fit"):
+        Classifier.from_checkpoint(tmp_path / "other.safetensors", device="cpu", calibration=None)
