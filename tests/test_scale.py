@@ -259,3 +259,20 @@ def test_gpu_check_quick_on_cpu_writes_every_part(tmp_path):
     assert report["parts"]["train"]["eager_phase2_batch4"]["images_per_s"] > 0
     assert report["parts"]["memory"]["64px_memory_efficient"]["images_per_s"] > 0
     assert report["parts"]["train_py"]["returncode"] == 0 and report["parts"]["train_py"]["lines"]
+
+
+@pytest.mark.slow
+def test_compiled_ddp_model_trains_under_torchrun_on_cpu(tiny_data, tmp_path):
+    """--compile wraps the DDP module (inductor on CPU, gloo): the step runs compiled on both ranks and the
+    checkpoint holds the plain model's keys (no _orig_mod. or module. prefix), so evaluate.py loads it."""
+    out = tmp_path / "run"
+    args = ["--data-dir", str(tiny_data), "--epochs", "1", "--warmup-epochs", "1", "--max-steps-per-epoch", "2",
+            "--workers", "0", "--out", str(out), "--compile", *TINY]
+    process = start(args, tmp_path / "torchrun.log", nproc=2)
+    output = finish(process, 540)
+    assert process.returncode == 0, output[-4000:]
+    checkpoint = load_checkpoint(out / "best.pt")
+    assert checkpoint["config"]["compile"] is True
+    assert not any(key.startswith(("_orig_mod.", "module.")) for key in checkpoint["model"]), list(checkpoint["model"])[:3]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [1] and records[0]["train_loss"] > 0
