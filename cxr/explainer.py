@@ -40,7 +40,7 @@ ALL_METHODS = (*METHODS, "occlusion")
 # `auto`: occlusion where it is cheap (inputs up to OCCLUSION_AUTO_MAX px: 225 small forwards per image) and the
 # measured best of the Grad-CAM family elsewhere; README "Explanations" has the figures behind both choices.
 DEFAULT_METHOD = "auto"
-DEFAULT_CAM = "hirescam@features.denseblock2"
+DEFAULT_CAM = "hirescam@features.denseblock1"
 OCCLUSION_AUTO_MAX = 128
 
 

@@ -183,3 +183,8 @@ def test_localization_check_smoke(tmp_path):
     assert result.stdout.strip().splitlines()[-1].startswith("overall pointing game (gradcam): ")
     summary = json.loads((tmp_path / "check" / "summary.json").read_text())
     assert summary["default_method"] == "gradcam" and 0 <= summary["pointing"]["gradcam"] <= 1
+    sanity = json.loads((tmp_path / "check" / "sanity" / "sanity.json").read_text())
+    assert list(sanity["methods"]) == ["gradcam", "edge detector"] and "edge detector" in sanity["flagged"]
+    assert summary["sanity_flagged"] == [label for label in sanity["flagged"] if label == "gradcam"]
+    verdict = "FLAGGED by the sanity check" if summary["sanity_flagged"] else "passes the sanity check"
+    assert f"pointing {summary['pointing']['gradcam']:.3f}" in result.stdout and verdict in result.stdout
