@@ -122,7 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--highres-child", help=argparse.SUPPRESS)  # SIZE,BATCH,STEPS,EFFICIENT,DEVICE: one setting
     parser.add_argument("--only", choices=("evaluation-report",), help="run only this measurement")
     parser.add_argument("--synthetic-patients", type=int, default=40, help="patients generated (no --data-dir)")
-    parser.add_argument("--synthetic-size", type=int, default=256, help="generated image size (no --data-dir)")
+    parser.add_argument("--synthetic-size", type=int, default=1024,
+                        help="generated image size (no --data-dir); 1024, NIH's own, so a file costs what a real one does")
     return parser.parse_args(argv)
 
 
