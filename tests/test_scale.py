@@ -1,5 +1,5 @@
 """Training at scale on CPU: gradient accumulation, per-sample seeds with persistent workers, mid-epoch resume,
-preemption signals, kill -9 at random moments, torchrun restarts after a lost worker, metrics.jsonl."""
+preemption signals (also during validation and the checkpoint write), kill -9 at random moments, torchrun restarts after a lost worker, metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -167,6 +167,41 @@ def test_mid_epoch_stop_then_resume_equals_the_uninterrupted_run(tiny_data, tmp_
     records = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in records] == [1, 2]
     assert records[1]["train_loss"] == a["history"][1]["train_loss"]
+
+
+@pytest.mark.parametrize("moment", ["validation", "checkpoint write"])
+def test_a_signal_during_validation_or_the_checkpoint_write_completes_it_then_exits_75(tiny_data, tmp_path, monkeypatch,
+                                                                                        capsys, moment):
+    """SIGUSR1 arrives inside validation / inside the checkpoint write of epoch 1: that work completes, the epoch's
+    checkpoint is whole, the run exits 75, and --resume auto finishes the remaining epoch."""
+    import cxr.trainer
+    import train
+
+    target = "predict" if moment == "validation" else "save_epoch_checkpoints"
+    original, sent = getattr(cxr.trainer, target), []
+
+    def signalled(*args, **kwargs):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cxr.trainer, target, signalled)
+    out = tmp_path / "run"
+    args = ["--data-dir", str(tiny_data), "--epochs", "2", "--warmup-epochs", "2", "--max-steps-per-epoch", "2",
+            "--workers", "0", "--out", str(out), "--resume", "auto", *TINY]
+    assert train.main(args) == PREEMPTED_EXIT_CODE
+    assert sent == [True]
+    assert "stopped by a signal at the end of epoch 1" in capsys.readouterr().out
+    saved = load_checkpoint(out / "last.pt")
+    assert saved["epoch"] == 1 and saved["position"] == {} and len(saved["history"]) == 1
+    assert load_checkpoint(out / "best.pt")["epoch"] == 1
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert train.main(args) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [1, 2]
 
 
 @pytest.mark.slow
