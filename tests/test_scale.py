@@ -1,5 +1,6 @@
 """Training at scale on CPU: gradient accumulation, per-sample seeds with persistent workers, mid-epoch resume,
-preemption signals (also during validation and the checkpoint write), kill -9 at random moments, torchrun restarts after a lost worker, metrics.jsonl."""
+preemption signals (also during validation and the checkpoint write), kill -9 at random moments, torchrun restarts
+after a lost worker, metrics.jsonl."""
 
 from __future__ import annotations
 
